@@ -1,0 +1,216 @@
+"""Run configuration: pydantic models (unknown keys rejected), YAML files and dotted overrides.
+
+A config error names the field and, where the field is closed, the values it allows.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+_SECRET_KEY = re.compile(r"(secret|password|token|credential|access_key|session_key)", re.IGNORECASE)
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message names the field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    uri: str = Field(description="Image folder, WebDataset shards or Parquet; local path or s3://bucket/prefix")
+    format: Literal["auto", "images", "webdataset", "parquet"] = "auto"
+    image_column: str = "image"
+    label_column: str | None = None
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    max_image_pixels: int = Field(40_000_000, gt=0, description="decompression-bomb guard")
+    shuffle_buffer: int = Field(2048, ge=0, description="rows in each worker's local shuffle buffer")
+    limit: int | None = Field(None, gt=0, description="read at most this many samples")
+
+
+class S3Config(Strict):
+    """Where S3 lives. Keys come only from the usual AWS environment variables, never from config."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+class ModelConfig(Strict):
+    backbone: str = "resnet18"
+    cifar_stem: bool = Field(False, description="3x3 stride-1 stem, no max-pool (ResNets on 32 px images)")
+    image_size: int = Field(32, ge=8)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+class BYOLViewConfig(Strict):
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    gray_p: float = 0.2
+    blur_p: tuple[float, float] = (1.0, 0.1)
+    solarize_p: tuple[float, float] = (0.0, 0.2)
+
+
+class BYOLConfig(Strict):
+    name: Literal["byol"] = "byol"
+    projector_hidden: int = Field(4096, gt=0)
+    projector_dim: int = Field(256, gt=0)
+    predictor_hidden: int = Field(4096, gt=0)
+    tau_base: float = Field(0.996, ge=0.0, le=1.0)
+    views: BYOLViewConfig = BYOLViewConfig()
+
+
+class OptimConfig(Strict):
+    name: Literal["lars", "adamw", "sgd"] = "lars"
+    lr: float = Field(0.2, gt=0, description="base LR for a batch of 256 when scale_lr is set")
+    scale_lr: bool = True
+    weight_decay: float = Field(1.5e-6, ge=0)
+    momentum: float = 0.9
+    warmup_steps: int = Field(10, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class TrainConfig(Strict):
+    steps: int = Field(100, gt=0)
+    batch_size: int = Field(64, gt=1, description="global batch, split evenly across workers")
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0, description="leave CPU for Ray Data's decode tasks")
+    amp: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+    sync_batchnorm: bool = True
+    max_bad_steps: int = Field(5, ge=1, description="consecutive NaN/inf losses before the run stops")
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(1, ge=0, description="worker failures to recover from the last checkpoint")
+    seed: int = 0
+    storage_path: str = Field("./raysl-runs", description="checkpoints: local folder or s3://bucket/prefix")
+    run_name: str | None = None
+    torch_threads: int | None = Field(None, ge=1)
+
+
+class TrackingConfig(Strict):
+    tracking_uri: str | None = Field(None, description="unset: $MLFLOW_TRACKING_URI, else ./mlflow.db")
+    experiment: str = "raysl"
+    register_as: str | None = Field(None, description="registered model name; default raysl-<method>-encoder")
+    alias: str = "candidate"
+
+
+class OnlineEvalConfig(Strict):
+    """A small labeled split for a kNN top-1 while training runs."""
+
+    uri: str | None = None
+    label_column: str | None = None
+    every: int = Field(50, ge=1)
+    max_samples: int = Field(2000, gt=0)
+    k: int = Field(20, gt=0)
+
+
+class PretrainConfig(Strict):
+    method: BYOLConfig = BYOLConfig()
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    eval: OnlineEvalConfig = OnlineEvalConfig()
+    s3: S3Config = S3Config()
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """Walk a pydantic model along an error location to the model that owns its last part."""
+    current: Any = model
+    for part in loc[:-1]:
+        field = current.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        current = ann
+    return current if isinstance(current, type) else None
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(model, loc)
+            allowed = ", ".join(sorted(owner.model_fields)) if owner else "?"
+            lines.append(f"{where}: unknown field; allowed fields here: {allowed}")
+        else:
+            lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def set_dotted(tree: dict[str, Any], dotted: str) -> None:
+    """Apply `a.b.c=value` to a nested dict; the value is parsed as YAML (numbers, bools, lists)."""
+    if "=" not in dotted:
+        raise ConfigError(f"override {dotted!r} is not of the form key.path=value")
+    key, raw = dotted.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {p!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def builtin_config_path(name: str) -> Path | None:
+    p = Path(__file__).parent / "configs" / f"{name}.yaml"
+    return p if p.exists() else None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PretrainConfig:
+    """Load YAML (a path, or the name of a built-in config such as `byol`) and apply overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            builtin = builtin_config_path(str(path))
+            if builtin is None:
+                raise ConfigError(f"config file {str(path)!r} not found (built-in configs: byol)")
+            p = builtin
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
+        tree = loaded
+    for o in overrides or []:
+        set_dotted(tree, o)
+    return parse_config(tree)
+
+
+def parse_config(tree: dict[str, Any]) -> PretrainConfig:
+    try:
+        return PretrainConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, PretrainConfig)) from None
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten for MLflow params; anything that looks like a secret is dropped, not logged."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if _SECRET_KEY.search(k):
+            continue
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

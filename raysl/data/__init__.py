@@ -1,0 +1,1 @@
+"""Data: readers (sources), per-method batch transforms (views), sharding and masks."""

@@ -1,0 +1,156 @@
+"""Readers: a URI (local or s3://) → a ray.data.Dataset with an `image` bytes column and a `key`.
+
+Image folders, WebDataset tar shards and Parquet (image bytes, or a HF-style {bytes, path} struct).
+Labels, when asked for, come from the class sub-folder, a WebDataset `cls` member or a Parquet column.
+Every reader lists its files first, so a URI that matches nothing fails before any worker starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray.data
+
+from raysl.storage import S3Settings, StorageError, list_files, redact, resolve
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")
+FORMATS = ("images", "webdataset", "parquet")
+
+
+def detect_format(files: list[str]) -> str:
+    low = [f.lower() for f in files]
+    if all(f.endswith(".parquet") for f in low):
+        return "parquet"
+    if all(f.endswith(".tar") for f in low):
+        return "webdataset"
+    if any(f.endswith(IMAGE_SUFFIXES) for f in low):
+        return "images"
+    raise StorageError(f"cannot tell the data format of {files[0]!r}…; set data.format to one of {FORMATS}")
+
+
+def _select(files: list[str], fmt: str) -> list[str]:
+    suffix = {"parquet": (".parquet",), "webdataset": (".tar",)}.get(fmt)
+    if suffix is None:  # an image folder: everything, so non-images are counted as bad, not hidden
+        return [f for f in files if not f.endswith(("manifest.json", ".parquet", ".tar"))]
+    return [f for f in files if f.lower().endswith(suffix)]
+
+
+def parquet_columns(uri: str, s3: S3Settings | None = None) -> list[str]:
+    files = _select(list_files(uri, s3), "parquet")
+    fs, _ = resolve(uri, s3)
+    return list(pq.read_schema(files[0], filesystem=fs).names)
+
+
+def _image_bytes(value: Any) -> bytes:
+    if isinstance(value, dict):  # HF datasets store images as {"bytes": …, "path": …}
+        value = value.get("bytes")
+    return bytes(value) if value is not None else b""
+
+
+def _norm_folder(batch: dict[str, np.ndarray], with_labels: bool) -> dict[str, np.ndarray]:
+    paths = [str(p) for p in batch["path"]]
+    out = {"image": np.array([bytes(b) for b in batch["bytes"]], dtype=object), "key": np.array(paths)}
+    if with_labels:
+        out["label"] = np.array([os.path.basename(os.path.dirname(p)) for p in paths])
+    return out
+
+
+def _norm_wds(batch: dict[str, np.ndarray], with_labels: bool) -> dict[str, np.ndarray]:
+    n = len(batch["__key__"])
+    images: list[bytes] = [b""] * n
+    for ext in WDS_IMAGE_KEYS:
+        col = batch.get(ext)
+        if col is None:
+            continue
+        for i, v in enumerate(col):
+            if not images[i] and v is not None:
+                images[i] = bytes(v)
+    out = {"image": np.array(images, dtype=object), "key": np.array([str(k) for k in batch["__key__"]])}
+    if with_labels:
+        if "cls" not in batch:
+            raise ValueError("WebDataset shards have no `cls` member to use as labels")
+        out["label"] = np.array([bytes(v).decode().strip() if v is not None else "" for v in batch["cls"]])
+    return out
+
+
+def _norm_parquet(
+    batch: dict[str, np.ndarray], image_column: str, label_column: str | None, key_column: str | None
+) -> dict[str, np.ndarray]:
+    images = np.array([_image_bytes(v) for v in batch[image_column]], dtype=object)
+    n = len(images)
+    keys = batch[key_column] if key_column else np.arange(n)
+    out = {"image": images, "key": np.array([str(k) for k in keys])}
+    if label_column:
+        out["label"] = np.array([str(v) for v in batch[label_column]])
+    return out
+
+
+def read_images(
+    uri: str,
+    *,
+    fmt: str = "auto",
+    s3: S3Settings | None = None,
+    image_column: str = "image",
+    label_column: str | None = None,
+    with_labels: bool = False,
+    limit: int | None = None,
+    shuffle_files: bool = False,
+) -> ray.data.Dataset:
+    """Open an image corpus as a stream of {image: bytes, key: str[, label: str]} rows."""
+    s3 = s3 or S3Settings.resolve()
+    files = list_files(uri, s3)
+    if fmt == "auto":
+        fmt = detect_format(files)
+    if fmt not in FORMATS:
+        raise ValueError(f"data.format: {fmt!r} is not one of {FORMATS}")
+    files = _select(files, fmt)
+    if not files:
+        raise StorageError(f"data URI {redact(uri)!r} holds no {fmt} files")
+    fs, _ = resolve(uri, s3)
+    shuffle = "files" if shuffle_files else None
+    log.info("reading %d %s file(s) from %s", len(files), fmt, redact(uri))
+    ds: ray.data.Dataset
+    if fmt == "images":
+        ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True, shuffle=shuffle)
+        ds = ds.map_batches(_norm_folder, fn_kwargs={"with_labels": with_labels}, batch_format="numpy")
+    elif fmt == "webdataset":
+        ds = ray.data.read_webdataset(files, filesystem=fs, decoder=None, shuffle=shuffle)
+        ds = ds.map_batches(_norm_wds, fn_kwargs={"with_labels": with_labels}, batch_format="numpy")
+    else:
+        cols = pq.read_schema(files[0], filesystem=fs).names
+        if image_column not in cols:
+            raise ValueError(f"data.image_column: {image_column!r} is not a column of {redact(uri)}; columns: {cols}")
+        lab = label_column if with_labels else None
+        if with_labels and lab is None:
+            lab = "label" if "label" in cols else None
+            if lab is None:
+                raise ValueError(f"no label column in {redact(uri)}; set label_column (columns: {cols})")
+        if lab is not None and lab not in cols:
+            raise ValueError(f"label_column: {lab!r} is not a column of {redact(uri)}; columns: {cols}")
+        key_col = "key" if "key" in cols else None
+        wanted = [c for c in (image_column, lab, key_col) if c]
+        ds = ray.data.read_parquet(files, filesystem=fs, columns=wanted, shuffle=shuffle)
+        ds = ds.map_batches(
+            _norm_parquet,
+            fn_kwargs={"image_column": image_column, "label_column": lab, "key_column": key_col},
+            batch_format="numpy",
+        )
+    if limit is not None:
+        ds = ds.limit(limit)
+    return ds
+
+
+def source_columns(uri: str, fmt: str = "auto", s3: S3Settings | None = None) -> set[str]:
+    """Columns a source offers after normalisation, checked against a method's required columns."""
+    files = list_files(uri, s3)
+    fmt = detect_format(files) if fmt == "auto" else fmt
+    if fmt == "parquet":
+        return set(parquet_columns(uri, s3)) | {"image", "key"}
+    return {"image", "key", "label"}

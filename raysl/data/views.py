@@ -1,0 +1,150 @@
+"""Per-method batch transforms run on Ray Data CPU workers: decode, crop, augment → fixed-size arrays.
+
+Every transform emits a `valid` column: rows whose bytes do not decode to an image are kept as zeros
+with valid=False, so the training worker counts them exactly and stops past `max_bad_fraction`.
+Images leave here as uint8 CHW; the training worker scales and normalizes them (4× less to move).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from torchvision.transforms import v2 as T
+
+log = logging.getLogger(__name__)
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class BadImage(ValueError):
+    pass
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Bytes → RGB PIL image. Grayscale, palette, CMYK and 16-bit images are converted, not dropped."""
+    if not data:
+        raise BadImage("zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BadImage(f"{w}x{h} exceeds max_image_pixels={max_pixels}")
+            img.load()
+    except BadImage:
+        raise
+    except Exception as exc:  # PIL raises many types for corrupt and truncated files
+        raise BadImage(f"{type(exc).__name__}: {exc}") from None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        span = float(arr.max() - arr.min()) or 1.0
+        img = Image.fromarray(((arr - arr.min()) / span * 255).astype(np.uint8), mode="L")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def decode_batch(images: Sequence[bytes], keys: Sequence[str], max_pixels: int) -> list[Image.Image | None]:
+    out: list[Image.Image | None] = []
+    for data, key in zip(images, keys, strict=True):
+        try:
+            out.append(decode_image(bytes(data), max_pixels))
+        except BadImage as exc:
+            log.warning("skipping bad image %s: %s", key, exc)
+            out.append(None)
+    return out
+
+
+def _to_chw_uint8(img: Image.Image | torch.Tensor) -> np.ndarray:
+    if isinstance(img, torch.Tensor):
+        return img.numpy()
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+
+class _Transform:
+    """Shared set-up: one torch thread per decode task, so Ray Data tasks do not oversubscribe cores."""
+
+    def __init__(self, image_size: int, max_pixels: int) -> None:
+        self.size = image_size
+        self.max_pixels = max_pixels
+
+    def _decoded(self, batch: dict[str, np.ndarray]) -> tuple[list[Image.Image | None], np.ndarray]:
+        torch.set_num_threads(1)
+        imgs = decode_batch(batch["image"], batch["key"], self.max_pixels)
+        valid = np.array([im is not None for im in imgs], dtype=bool)
+        return imgs, valid
+
+    def _passthrough(self, batch: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out["key"] = np.asarray(batch["key"])
+        if "label" in batch:
+            out["label"] = np.asarray(batch["label"])
+        return out
+
+
+def byol_pipeline(size: int, scale: tuple[float, float], flip_p: float, jitter: tuple[float, ...], jitter_p: float,
+                  gray_p: float, blur_p: float, solarize_p: float) -> T.Compose:
+    """One of BYOL's two asymmetric view pipelines (paper, Table 6); the pair differs in blur/solarize."""
+    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # ~10% of the image side, odd
+    b, c, s, h = jitter
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=scale, antialias=True),
+        T.RandomHorizontalFlip(flip_p),
+        T.RandomApply([T.ColorJitter(b, c, s, h)], p=jitter_p),
+        T.RandomGrayscale(gray_p),
+        T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p),
+        T.RandomSolarize(128, p=solarize_p),
+        T.PILToTensor(),
+    ])
+
+
+class TwoViews(_Transform):
+    """BYOL: two differently augmented views of each image."""
+
+    def __init__(self, image_size: int, max_pixels: int, *, crop_scale: tuple[float, float], flip_p: float,
+                 jitter: tuple[float, float, float, float], jitter_p: float, gray_p: float,
+                 blur_p: tuple[float, float], solarize_p: tuple[float, float]) -> None:
+        super().__init__(image_size, max_pixels)
+        self.pipes = [
+            byol_pipeline(image_size, crop_scale, flip_p, jitter, jitter_p, gray_p, blur_p[i], solarize_p[i])
+            for i in (0, 1)
+        ]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        imgs, valid = self._decoded(batch)
+        n, s = len(imgs), self.size
+        views = [np.zeros((n, 3, s, s), dtype=np.uint8) for _ in (0, 1)]
+        for i, im in enumerate(imgs):
+            if im is None:
+                continue
+            for v in (0, 1):
+                views[v][i] = _to_chw_uint8(self.pipes[v](im))
+        return self._passthrough(batch, {"view1": views[0], "view2": views[1], "valid": valid})
+
+
+class EvalView(_Transform):
+    """Evaluation and embedding: decode and resize to the encoder's image size, no augmentation."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        imgs, valid = self._decoded(batch)
+        s = self.size
+        arr = np.zeros((len(imgs), 3, s, s), dtype=np.uint8)
+        for i, im in enumerate(imgs):
+            if im is not None:
+                if im.size != (s, s):
+                    im = im.resize((s, s), Image.Resampling.BICUBIC)
+                arr[i] = _to_chw_uint8(im)
+        return self._passthrough(batch, {"image": arr, "valid": valid})
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (B,3,H,W) → float, normalized; done on the training worker (or its GPU)."""
+    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    sd = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    return ((x.float() / 255.0) - m) / sd

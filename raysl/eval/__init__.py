@@ -1,0 +1,1 @@
+"""Downstream jobs that load a registered encoder: kNN, linear probe, embedding export."""

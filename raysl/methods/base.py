@@ -1,0 +1,87 @@
+"""The method contract every pretraining method implements, and the registry that names them.
+
+The loop, CLI and tracking talk to a Method only through this interface; they never branch on a
+method's name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from raysl.config import PretrainConfig
+
+BatchFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+class Method(nn.Module, ABC):
+    """One self-supervised method: a module whose forward returns at least {"loss": …}."""
+
+    name: ClassVar[str]
+    #: columns the source must offer (checked before any worker starts)
+    required_columns: ClassVar[frozenset[str]] = frozenset({"image"})
+    #: columns the view transform yields that the training loop feeds to forward()
+    batch_columns: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    @abstractmethod
+    def build(cls, cfg: PretrainConfig) -> Method:
+        """Create the module from a validated config."""
+
+    @classmethod
+    @abstractmethod
+    def view_transform(cls, cfg: PretrainConfig) -> BatchFn:
+        """The CPU batch transform Ray Data runs before the batch reaches a training worker."""
+
+    @abstractmethod
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Loss and metrics for one batch; runs inside DDP so DDP sees the whole computation."""
+
+    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
+        """Called after optimizer.step() (step = updates done so far); returns metrics to log."""
+        return {}
+
+    @abstractmethod
+    def encoder(self) -> nn.Module:
+        """The network that is registered in MLflow and used downstream."""
+
+    def collate(self, batch: dict[str, torch.Tensor], step: int, rank: int) -> dict[str, torch.Tensor]:
+        """Worker-side additions to a batch (I-JEPA masks); identity by default."""
+        return batch
+
+
+M = TypeVar("M", bound=type[Method])
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: M) -> M:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type[Method]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"method.name: {name!r} is not a method; allowed: {registered()}") from None
+
+
+def describe_encoder(cfg: PretrainConfig) -> dict[str, Any]:
+    """What a downstream job needs to rebuild and feed the encoder: architecture and preprocessing."""
+    return {
+        "method": cfg.method.name,
+        "backbone": cfg.model.backbone,
+        "cifar_stem": cfg.model.cifar_stem,
+        "image_size": cfg.model.image_size,
+        "mean": list(cfg.model.mean),
+        "std": list(cfg.model.std),
+    }

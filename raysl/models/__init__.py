@@ -1,0 +1,1 @@
+"""Models: timm backbones and the small hand-written heads."""

@@ -1,0 +1,220 @@
+"""MLflow: the driver creates (or resumes) the run, rank 0 logs metrics, the driver registers the encoder.
+
+An MLflow outage never kills training: workers log from a background thread that drops what it cannot
+send. Encoders are registered as pyfunc models whose weights are safetensors plus a JSON spec, so
+loading one never unpickles tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from raysl.storage import redact
+
+log = logging.getLogger(__name__)
+_TRANSIENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path('mlflow.db').absolute()}"
+
+
+def _client(uri: str) -> Any:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    location = None
+    if uri.startswith("sqlite:///"):  # keep local artifacts next to the database, not in the CWD
+        location = Path(uri[len("sqlite:///") :]).parent.joinpath("mlartifacts").absolute().as_uri()
+    return str(client.create_experiment(name, artifact_location=location))
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str],
+              resume_run_id: str | None = None) -> str:
+    """Create the MLflow run (or reopen `resume_run_id`) and log params once; returns the run id."""
+    client = _client(uri)
+    if resume_run_id:
+        client.update_run(resume_run_id, status="RUNNING")
+        return resume_run_id
+    run = client.create_run(experiment_id(uri, experiment), run_name=run_name, tags=tags)
+    from mlflow.entities import Param
+
+    items = [Param(k, redact(str(v))[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    return str(run.info.run_id)
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    try:
+        _client(uri).set_terminated(run_id, status=status)
+    except Exception as exc:  # noqa: BLE001 - bookkeeping must not turn a result into a failure
+        log.warning("could not close MLflow run %s: %s", run_id, exc)
+
+
+class MetricLogger:
+    """Sends metrics from a background thread; when MLflow is down, warns and drops instead of blocking."""
+
+    def __init__(self, uri: str | None, run_id: str | None, max_queue: int = 10_000) -> None:
+        self.enabled = bool(uri and run_id)
+        self.run_id = run_id
+        self.dropped = 0
+        self._q: queue.Queue[tuple[dict[str, float], int, int] | None] = queue.Queue(max_queue)
+        self._thread: threading.Thread | None = None
+        if self.enabled:
+            for k, v in _TRANSIENT.items():
+                os.environ.setdefault(k, v)
+            self._client = _client(str(uri))
+            self._thread = threading.Thread(target=self._run, name="raysl-mlflow", daemon=True)
+            self._thread.start()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        try:
+            self._q.put_nowait((dict(metrics), step, int(time.time() * 1000)))
+        except queue.Full:
+            self.dropped += 1
+
+    def _run(self) -> None:
+        from mlflow.entities import Metric
+
+        warned = False
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            metrics, step, ts = item
+            try:
+                ms = [Metric(k, float(v), ts, step) for k, v in metrics.items() if np.isfinite(v)]
+                self._client.log_batch(self.run_id, metrics=ms)
+                warned = False
+            except Exception as exc:  # noqa: BLE001 - an outage must never reach the training loop
+                self.dropped += 1
+                if not warned:
+                    log.warning("MLflow unavailable, dropping metrics until it returns: %s", exc)
+                    warned = True
+
+    def close(self, timeout: float = 30.0) -> None:
+        if self._thread is not None:
+            self._q.put(None)
+            self._thread.join(timeout)
+
+
+def _pyfunc_class() -> type:
+    """pyfunc wrapper so the registry entry can also be served: images (N,3,H,W) uint8 → embeddings."""
+    import mlflow.pyfunc
+
+    class EncoderPyfunc(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defined]
+        def load_context(self, context: Any) -> None:
+            self.model, self.spec = load_encoder_dir(Path(context.artifacts["weights"]).parent)
+
+        def predict(self, context: Any, model_input: Any, params: Any = None) -> np.ndarray:
+            from raysl.data.views import normalize
+
+            x = torch.as_tensor(np.asarray(model_input, dtype=np.uint8))
+            with torch.no_grad():
+                return self.model(normalize(x, self.spec["mean"], self.spec["std"])).numpy()
+
+    return EncoderPyfunc
+
+
+def save_encoder_dir(folder: Path, encoder: nn.Module, spec: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
+              str(folder / "encoder.safetensors"))
+    (folder / "encoder.json").write_text(json.dumps(spec, indent=2))
+
+
+def load_encoder_dir(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
+    from raysl.models.backbones import create_backbone
+
+    spec = json.loads((folder / "encoder.json").read_text())
+    model = create_backbone(spec["backbone"], cifar_stem=spec["cifar_stem"], image_size=spec["image_size"])
+    model.load_state_dict(load_file(str(folder / "encoder.safetensors")))
+    model.eval()
+    return model, spec
+
+
+def register_encoder(uri: str, run_id: str, encoder: nn.Module, spec: dict[str, Any], name: str,
+                     alias: str) -> str:
+    """Log the encoder to the run, register it as `name` and point `alias` at it; returns the version."""
+    import mlflow
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "encoder"
+        save_encoder_dir(folder, encoder, spec)
+        example = np.zeros((2, 3, spec["image_size"], spec["image_size"]), dtype=np.uint8)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="encoder",
+                python_model=_pyfunc_class()(),
+                artifacts={"weights": str(folder / "encoder.safetensors"), "spec": str(folder / "encoder.json")},
+                registered_model_name=name,
+                input_example=example,
+                pip_requirements=["raysl", "torch", "timm", "safetensors"],
+                metadata={"raysl": spec},
+            )
+    version = str(info.registered_model_version)
+    client = _client(uri)
+    client.set_registered_model_alias(name, alias, version)
+    for k, v in spec.items():
+        client.set_model_version_tag(name, version, k, json.dumps(v) if not isinstance(v, str) else v)
+    log.info("registered %s version %s as @%s", name, version, alias)
+    return version
+
+
+def load_encoder(model_uri: str, uri: str | None = None) -> tuple[nn.Module, dict[str, Any], str | None]:
+    """Load `models:/<name>@<alias>` (or any model URI) → (encoder in eval mode, spec, model_id)."""
+    import mlflow
+    import mlflow.artifacts
+
+    mlflow.set_tracking_uri(tracking_uri(uri))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        found = next(local.rglob("encoder.json"), None)
+        if found is None:
+            raise ValueError(f"{model_uri} holds no raysl encoder (no encoder.json among its artifacts)")
+        model, spec = load_encoder_dir(found.parent)
+    model_id = None
+    if model_uri.startswith("models:/") and "@" in model_uri:
+        name, alias = model_uri[len("models:/") :].split("@", 1)
+        mv = _client(tracking_uri(uri)).get_model_version_by_alias(name, alias)
+        model_id = getattr(mv, "model_id", None)
+        spec["registered_version"] = mv.version
+    return model, spec, model_id

@@ -1,0 +1,1 @@
+"""Training: the per-worker loop, optimizers and the Ray Train launcher."""

@@ -1,0 +1,34 @@
+"""Checkpoint folders: full training state (torch.save of tensors and plain types only, so it loads with
+weights_only=True) plus the encoder alone as safetensors + JSON spec, ready to register."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from raysl.tracking import save_encoder_dir
+
+STATE_FILE = "state.pt"
+
+
+def save_checkpoint(folder: Path, *, method: nn.Module, encoder: nn.Module, spec: dict[str, Any],
+                    optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
+                    counters: dict[str, int]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step,
+        "model": method.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "counters": dict(counters),
+    }
+    torch.save(state, folder / STATE_FILE)
+    save_encoder_dir(folder, encoder, spec)
+
+
+def load_checkpoint(folder: Path) -> dict[str, Any]:
+    state: dict[str, Any] = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    return state

@@ -1,0 +1,171 @@
+"""Driver side of a pretraining run: checks, Ray Data pipeline, TorchTrainer, MLflow run and registration.
+
+A run is named `<method>-<hash of its config>` unless train.run_name is set, so rerunning the same
+config continues from its latest checkpoint (Ray Train restores its snapshot from storage) into the
+same MLflow run; a finished run is not trained again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from raysl import storage, tracking
+from raysl.config import PretrainConfig, flatten
+from raysl.data.sources import read_images, source_columns
+from raysl.data.views import EvalView
+from raysl.methods import get_method
+from raysl.methods.base import describe_encoder
+from raysl.storage import S3Settings, redact
+from raysl.train.loop import train_loop_per_worker
+
+log = logging.getLogger(__name__)
+STATE_NAME = "raysl-run.json"
+
+
+@dataclass
+class PretrainResult:
+    run_name: str
+    run_id: str
+    model_name: str
+    model_version: str
+    checkpoint_uri: str
+    metrics: dict[str, Any]
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to a cluster (address or $RAY_ADDRESS) or start a local one.
+
+    Locally, logical CPUs are doubled: training workers and Ray Data decode tasks share the cores, and
+    with only physical CPUs the data tasks can be starved for ever.
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=num_cpus or 2 * (os.cpu_count() or 2), include_dashboard=False)
+
+
+def run_name(cfg: PretrainConfig) -> str:
+    if cfg.train.run_name:
+        return cfg.train.run_name
+    tree = cfg.model_dump(mode="json", exclude={"tracking": True, "eval": {"every"}})
+    tree["train"].pop("log_every", None)
+    digest = hashlib.sha1(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{cfg.method.name}-{digest}"
+
+
+def load_labeled(uri: str, cfg: PretrainConfig, s3: S3Settings, label_column: str | None,
+                 max_samples: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Read a small labeled split into memory: uint8 images (N,3,H,W), int labels, class names."""
+    ds = read_images(uri, s3=s3, with_labels=True, label_column=label_column)
+    ds = ds.map_batches(EvalView(cfg.model.image_size, cfg.data.max_image_pixels), batch_size=256)
+    parts = list(ds.iter_batches(batch_size=1024, batch_format="numpy"))
+    if not parts:
+        raise ValueError(f"labeled data {redact(uri)!r} yielded no samples")
+    cat = {k: np.concatenate([p[k] for p in parts]) for k in ("image", "label", "valid")}
+    ok = cat["valid"].astype(bool)
+    images, names = cat["image"][ok], cat["label"][ok]
+    classes, labels = np.unique(names, return_inverse=True)
+    if max_samples is not None and len(labels) > max_samples:
+        pick = np.sort(np.random.default_rng(seed).choice(len(labels), max_samples, replace=False))
+        images, labels = images[pick], labels[pick]
+    return {"image": images, "label": labels.astype(np.int64), "classes": classes}
+
+
+def _storage(cfg: PretrainConfig, s3: S3Settings) -> tuple[str, Any]:
+    fs, path = storage.resolve(cfg.train.storage_path, s3)
+    if storage.is_s3(cfg.train.storage_path):
+        return path, fs
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return path, None
+
+
+def _read_state(uri: str, s3: S3Settings) -> dict[str, Any]:
+    try:
+        return dict(json.loads(storage.read_bytes(uri, s3)))
+    except (FileNotFoundError, OSError):
+        return {}
+
+
+def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
+    method_cls = get_method(cfg.method.name)
+    s3 = S3Settings.resolve(cfg.s3.endpoint_url, cfg.s3.region)
+    missing = method_cls.required_columns - source_columns(cfg.data.uri, cfg.data.format, s3)
+    if missing:
+        raise ValueError(f"data {redact(cfg.data.uri)!r} lacks column(s) {sorted(missing)} "
+                         f"that method {cfg.method.name!r} needs")
+    name = run_name(cfg)
+    state_uri = f"{cfg.train.storage_path.rstrip('/')}/{name}/{STATE_NAME}"
+    state = _read_state(state_uri, s3)
+    if resume and not state:
+        raise ValueError(f"--resume: no earlier run {name!r} under {redact(cfg.train.storage_path)}")
+    uri = tracking.tracking_uri(cfg.tracking.tracking_uri)
+    model_name = cfg.tracking.register_as or f"raysl-{cfg.method.name}-encoder"
+    if state.get("complete"):
+        log.info("run %s already finished (model %s v%s); nothing to train", name, model_name,
+                 state.get("model_version"))
+        return PretrainResult(name, state["mlflow_run_id"], model_name, state["model_version"],
+                              state["checkpoint"], state.get("metrics", {}))
+
+    params = flatten(cfg.model_dump(mode="json"))
+    tags = {"raysl.method": cfg.method.name, "raysl.run_name": name, "data_uri": redact(cfg.data.uri)}
+    if commit := tracking.git_commit():
+        tags["git_commit"] = commit
+    run_id = tracking.start_run(uri, cfg.tracking.experiment, name, params, tags, state.get("mlflow_run_id"))
+    storage.write_bytes(state_uri, json.dumps({"mlflow_run_id": run_id}).encode(), s3)
+    log.info("MLflow run %s (%s), checkpoints under %s/%s", run_id, uri, redact(cfg.train.storage_path), name)
+
+    init_ray()
+    ds = read_images(cfg.data.uri, fmt=cfg.data.format, s3=s3, image_column=cfg.data.image_column,
+                     limit=cfg.data.limit, shuffle_files=True)
+    ds = ds.map_batches(method_cls.view_transform(cfg), batch_size=64, batch_format="numpy")
+    eval_ref = None
+    if cfg.eval.uri:
+        labeled = load_labeled(cfg.eval.uri, cfg, s3, cfg.eval.label_column, cfg.eval.max_samples)
+        eval_ref = ray.put({"image": labeled["image"], "label": labeled["label"]})
+    path, fs = _storage(cfg, s3)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": uri,
+                           "eval_ref": eval_ref},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=RunConfig(
+            name=name, storage_path=path, storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets={"train": ds},
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracking.end_run(uri, run_id, status="FAILED")
+        raise
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {name} produced no checkpoint")
+    with result.checkpoint.as_directory() as d:
+        encoder, spec = tracking.load_encoder_dir(Path(d))
+    spec.update(describe_encoder(cfg), source_run=run_id)
+    version = tracking.register_encoder(uri, run_id, encoder, spec, model_name, cfg.tracking.alias)
+    tracking.end_run(uri, run_id)
+    ckpt_uri = redact(result.checkpoint.path)
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+    storage.write_bytes(state_uri, json.dumps({
+        "mlflow_run_id": run_id, "complete": True, "model_version": version, "checkpoint": ckpt_uri,
+        "metrics": metrics}).encode(), s3)
+    return PretrainResult(name, run_id, model_name, version, ckpt_uri, metrics)

@@ -1,0 +1,37 @@
+"""Optimizers and LR schedules from timm: LARS / AdamW / SGD, linear warm-up then cosine, per step.
+
+Biases and normalization weights get no weight decay (and so no LARS adaptation), as in BYOL.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+
+from raysl.config import OptimConfig
+
+
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """The paper's linear scaling: lr = base_lr × batch / 256."""
+    return cfg.lr * global_batch / 256 if cfg.scale_lr else cfg.lr
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int) -> torch.optim.Optimizer:
+    kwargs: dict[str, object] = {}
+    if cfg.name in ("lars", "sgd"):
+        kwargs["momentum"] = cfg.momentum
+    # timm's param groups skip requires_grad=False parameters, so EMA targets are never optimized.
+    return create_optimizer_v2(
+        model, opt=cfg.name, lr=scaled_lr(cfg, global_batch), weight_decay=cfg.weight_decay,
+        filter_bias_and_bn=True, **kwargs,
+    )
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> CosineLRScheduler:
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    return CosineLRScheduler(
+        opt, t_initial=max(total_steps - warmup, 1), lr_min=cfg.min_lr, warmup_t=warmup, warmup_lr_init=0.0,
+        warmup_prefix=True, t_in_epochs=False,
+    )
