@@ -63,3 +63,35 @@ def demo_config(data: dict[str, Path], workdir: Path, steps: int) -> dict[str, A
         "eval": {"uri": str(data["test"]), "every": 25},
         "tracking": {"experiment": "raysl-demo"},
     }
+
+
+def run_demo(workdir: Path, steps: int = 150) -> int:
+    """Write the digits, pretrain BYOL on 2 local workers, register, probe; print the comparison."""
+    import os
+    import time
+
+    from raysl.config import parse_config
+    from raysl.eval.probe import probe
+    from raysl.train.launch import init_ray, pretrain
+
+    workdir = workdir.absolute()
+    t0 = time.perf_counter()
+    data = write_digits(workdir / "digits")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}"
+    tree = demo_config(data, workdir, steps)
+    tree["tracking"]["tracking_uri"] = uri
+    cfg = parse_config(tree)
+    log.info("[1/3] wrote %s digits; [2/3] pretraining BYOL for %d steps on 2 Ray workers", data["train"], steps)
+    init_ray()
+    result = pretrain(cfg)
+    model_uri = f"models:/{result.model_name}@{cfg.tracking.alias}"
+    log.info("[3/3] probing %s (version %s) on held-out digits", model_uri, result.model_version)
+    report = probe(model_uri, str(data["train"]), test_uri=str(data["test"]), tracking_uri=uri,
+                   raw_pixels=True)
+    print(f"\nBYOL on sklearn digits — {report.n_train} probe-train / {report.n_test} held-out images, "
+          f"{steps} steps, {time.perf_counter() - t0:.0f} s in all\n")
+    print(report.table())
+    print("\nkNN: k=20, cosine, temperature-weighted votes; linear: logistic regression on frozen features.")
+    print("Raw pixels are a strong baseline on digits; the point is pretrained ≫ random init of the same network.")
+    print(f"\nBrowse the run:  mlflow ui --backend-store-uri {uri}")
+    return 0

@@ -142,7 +142,7 @@ def _pyfunc_class() -> type:
         def load_context(self, context: Any) -> None:
             self.model, self.spec = load_encoder_dir(Path(context.artifacts["weights"]).parent)
 
-        def predict(self, context: Any, model_input: Any, params: Any = None) -> np.ndarray:
+        def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
             from raysl.data.views import normalize
 
             x = torch.as_tensor(np.asarray(model_input, dtype=np.uint8))

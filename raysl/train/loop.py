@@ -23,6 +23,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from raysl.config import PretrainConfig
 from raysl.methods import get_method
@@ -43,10 +44,12 @@ class NonFiniteLossError(RuntimeError):
     """The loss or its gradient stayed NaN/inf for too many steps in a row."""
 
 
-def numpy_collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+class NumpyCollate(NumpyBatchCollateFn):
     """Numeric columns → tensors; string columns (keys, labels) stay as numpy for bookkeeping."""
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) if v.dtype.kind in "biuf" else v
-            for k, v in batch.items()}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) if v.dtype.kind in "biuf" else v
+                for k, v in batch.items()}
 
 
 def _batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int) -> Iterator[dict[str, Any]]:
@@ -54,7 +57,7 @@ def _batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int) -> Ite
     while True:
         n = 0
         for b in shard.iter_torch_batches(
-            batch_size=batch_size, drop_last=True, collate_fn=numpy_collate, prefetch_batches=2,
+            batch_size=batch_size, drop_last=True, collate_fn=NumpyCollate(), prefetch_batches=2,
             local_shuffle_buffer_size=shuffle_buffer or None, local_shuffle_seed=seed + epoch,
         ):
             n += 1

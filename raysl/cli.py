@@ -1,0 +1,161 @@
+"""The `raysl` command: pretrain, probe, embed, data shard, demo, bench.
+
+Local by default (a Ray cluster started in-process, MLflow in ./mlflow.db); `--address` or $RAY_ADDRESS
+and $MLFLOW_TRACKING_URI point the same command at a cluster and a tracking server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from raysl.config import ConfigError
+from raysl.storage import StorageError
+
+log = logging.getLogger("raysl")
+
+
+def _setup(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if args.address:
+        os.environ["RAY_ADDRESS"] = args.address
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from raysl.config import load_config
+    from raysl.train.launch import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    res = pretrain(cfg, resume=args.resume)
+    print(json.dumps({"run_name": res.run_name, "mlflow_run_id": res.run_id,
+                      "model": f"models:/{res.model_name}@{cfg.tracking.alias}", "version": res.model_version,
+                      "checkpoint": res.checkpoint_uri, "metrics": res.metrics}, indent=2))
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from raysl.eval.probe import probe
+    from raysl.train.launch import init_ray
+
+    init_ray()
+    rep = probe(args.model, args.data, test_uri=args.test_data, label_column=args.label_column,
+                baseline=not args.no_baseline, raw_pixels=args.raw_pixels, k=args.k)
+    print(f"{args.model}: {rep.n_train} train / {rep.n_test} test samples\n{rep.table()}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from raysl import storage
+    from raysl.data.sources import read_images
+    from raysl.data.views import EvalView
+    from raysl.eval.embed import embed
+    from raysl.tracking import load_encoder
+    from raysl.train.launch import init_ray
+
+    init_ray()
+    _, spec, _ = load_encoder(args.model)
+    ds = read_images(args.data).map_batches(EvalView(spec["image_size"], 40_000_000), batch_size=256)
+    out = embed(ds, args.model, concurrency=args.concurrency).select_columns(["key", "embedding"])
+    fs, path = storage.resolve(args.out)
+    out.write_parquet(path, filesystem=fs)
+    print(f"embeddings written to {storage.redact(args.out)}")
+    return 0
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from raysl.data.shard import shard
+    from raysl.train.launch import init_ray
+
+    init_ray()
+    manifest = shard(args.src, args.dst, args.format, rows_per_shard=args.rows_per_shard)
+    print(json.dumps({k: v for k, v in manifest.items() if k != "shards"} | {"shards": len(manifest["shards"])},
+                     indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from raysl.demo import run_demo
+
+    return run_demo(Path(args.workdir), steps=args.steps)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from raysl import bench
+
+    result = bench.run(args.what, args)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raysl", description=__doc__)
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("pretrain", help="pretrain an encoder from a YAML config")
+    s.add_argument("--config", required=True, help="YAML file, or a built-in name (byol)")
+    s.add_argument("--resume", action="store_true", help="require an earlier run of this config to continue")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.steps=500")
+    s.set_defaults(fn=cmd_pretrain)
+
+    s = sub.add_parser("probe", help="kNN and linear probe of a registered encoder")
+    s.add_argument("--model", required=True, help="models:/<name>@<alias> or another MLflow model URI")
+    s.add_argument("--data", required=True, help="labeled images: class sub-folders or a label column")
+    s.add_argument("--test-data", help="held-out labeled images (default: a stratified 30%% split of --data)")
+    s.add_argument("--label-column")
+    s.add_argument("--k", type=int, default=20)
+    s.add_argument("--no-baseline", action="store_true", help="skip the random-init encoder baseline")
+    s.add_argument("--raw-pixels", action="store_true", help="also report kNN on raw pixels")
+    s.set_defaults(fn=cmd_probe)
+
+    s = sub.add_parser("embed", help="export embeddings of a registered encoder to Parquet")
+    s.add_argument("--model", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--concurrency", type=int, default=1)
+    s.set_defaults(fn=cmd_embed)
+
+    d = sub.add_parser("data", help="data tools").add_subparsers(dest="data_cmd", required=True)
+    s = d.add_parser("shard", help="image folder → WebDataset or Parquet shards with a manifest")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("--format", required=True, choices=["webdataset", "parquet"])
+    s.add_argument("--rows-per-shard", type=int, default=1000)
+    s.set_defaults(fn=cmd_shard)
+
+    s = sub.add_parser("demo", help="digits → BYOL → MLflow registry → probe, on this machine")
+    s.add_argument("--workdir", default="demo-output")
+    s.add_argument("--steps", type=int, default=150)
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("bench", help="side-by-side throughput benchmarks (ratios)")
+    s.add_argument("what", choices=["ingest", "step"])
+    s.add_argument("--images", type=int, default=2000)
+    s.add_argument("--batches", type=int, default=20)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--workers", type=int, default=2, help="CPU decode workers on each side")
+    s.add_argument("--s3", action="store_true", help="also read from a local moto S3 server")
+    s.add_argument("--backbone", default="resnet18")
+    s.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup(args)
+    try:
+        return int(args.fn(args))
+    except (ConfigError, StorageError, ValueError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
