@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 _SECRET_KEY = re.compile(r"(secret|password|token|credential|access_key|session_key)", re.IGNORECASE)
 
@@ -32,6 +32,13 @@ class DataConfig(Strict):
     max_image_pixels: int = Field(40_000_000, gt=0, description="decompression-bomb guard")
     shuffle_buffer: int = Field(2048, ge=0, description="rows in each worker's local shuffle buffer")
     limit: int | None = Field(None, gt=0, description="read at most this many samples")
+
+    @field_validator("uri")
+    @classmethod
+    def _required(cls, v: str) -> str:
+        if v.strip() in ("", "???"):
+            raise ValueError("required: set data.uri to an image folder, shards or Parquet (local or s3://)")
+        return v
 
 
 class S3Config(Strict):
@@ -98,6 +105,7 @@ class TrainConfig(Strict):
     storage_path: str = Field("./raysl-runs", description="checkpoints: local folder or s3://bucket/prefix")
     run_name: str | None = None
     torch_threads: int | None = Field(None, ge=1)
+    fault_at_step: int | None = Field(None, ge=1, description="chaos testing: fail once at this step")
 
 
 class TrackingConfig(Strict):
@@ -184,7 +192,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.exists():
             builtin = builtin_config_path(str(path))
             if builtin is None:
-                raise ConfigError(f"config file {str(path)!r} not found (built-in configs: byol)")
+                raise ConfigError(f"config file {str(path)!r} not found (built-in configs: byol, byol-cifar)")
             p = builtin
         loaded = yaml.safe_load(p.read_text()) or {}
         if not isinstance(loaded, dict):

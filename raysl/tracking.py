@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from raysl.storage import redact
 
 log = logging.getLogger(__name__)
-_TRANSIENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+_TRANSIENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -88,8 +88,10 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
 class MetricLogger:
     """Sends metrics from a background thread; when MLflow is down, warns and drops instead of blocking."""
 
-    def __init__(self, uri: str | None, run_id: str | None, max_queue: int = 10_000) -> None:
+    def __init__(self, uri: str | None, run_id: str | None, max_queue: int = 10_000,
+                 backoff_s: float = 30.0) -> None:
         self.enabled = bool(uri and run_id)
+        self.backoff_s = backoff_s
         self.run_id = run_id
         self.dropped = 0
         self._q: queue.Queue[tuple[dict[str, float], int, int] | None] = queue.Queue(max_queue)
@@ -112,21 +114,27 @@ class MetricLogger:
     def _run(self) -> None:
         from mlflow.entities import Metric
 
-        warned = False
+        retry_at = 0.0  # during an outage, drop without trying until this time, so the queue never backs up
         while True:
             item = self._q.get()
             if item is None:
                 return
             metrics, step, ts = item
+            if time.monotonic() < retry_at:
+                self.dropped += 1
+                continue
             try:
                 ms = [Metric(k, float(v), ts, step) for k, v in metrics.items() if np.isfinite(v)]
                 self._client.log_batch(self.run_id, metrics=ms)
-                warned = False
+                if retry_at:
+                    log.warning("MLflow is back; %d metric batches were dropped", self.dropped)
+                retry_at = 0.0
             except Exception as exc:  # noqa: BLE001 - an outage must never reach the training loop
                 self.dropped += 1
-                if not warned:
-                    log.warning("MLflow unavailable, dropping metrics until it returns: %s", exc)
-                    warned = True
+                if not retry_at:
+                    log.warning("MLflow unavailable, dropping metrics for %.0f s at a time: %s",
+                                self.backoff_s, exc)
+                retry_at = time.monotonic() + self.backoff_s
 
     def close(self, timeout: float = 30.0) -> None:
         if self._thread is not None:

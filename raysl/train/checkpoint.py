@@ -32,3 +32,12 @@ def save_checkpoint(folder: Path, *, method: nn.Module, encoder: nn.Module, spec
 def load_checkpoint(folder: Path) -> dict[str, Any]:
     state: dict[str, Any] = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
     return state
+
+
+def restore_state(state: dict[str, Any], *, method: nn.Module, optimizer: torch.optim.Optimizer,
+                  scheduler: Any) -> int:
+    """Load model, optimizer and scheduler state in place; returns the step the checkpoint was taken at."""
+    method.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])

@@ -118,14 +118,19 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
     if state.get("complete"):
         log.info("run %s already finished (model %s v%s); nothing to train", name, model_name,
                  state.get("model_version"))
-        return PretrainResult(name, state["mlflow_run_id"], model_name, state["model_version"],
+        return PretrainResult(name, state["mlflow_run_id"] or "", model_name, state["model_version"],
                               state["checkpoint"], state.get("metrics", {}))
 
     params = flatten(cfg.model_dump(mode="json"))
     tags = {"raysl.method": cfg.method.name, "raysl.run_name": name, "data_uri": redact(cfg.data.uri)}
     if commit := tracking.git_commit():
         tags["git_commit"] = commit
-    run_id = tracking.start_run(uri, cfg.tracking.experiment, name, params, tags, state.get("mlflow_run_id"))
+    try:
+        run_id: str | None = tracking.start_run(uri, cfg.tracking.experiment, name, params, tags,
+                                                state.get("mlflow_run_id"))
+    except Exception as exc:  # noqa: BLE001 - an MLflow outage must not stop training
+        log.warning("MLflow at %s unavailable (%s): training without tracking", redact(uri), exc)
+        run_id = None
     storage.write_bytes(state_uri, json.dumps({"mlflow_run_id": run_id}).encode(), s3)
     log.info("MLflow run %s (%s), checkpoints under %s/%s", run_id, uri, redact(cfg.train.storage_path), name)
 
@@ -154,18 +159,25 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
     try:
         result = trainer.fit()
     except Exception:
-        tracking.end_run(uri, run_id, status="FAILED")
+        if run_id:
+            tracking.end_run(uri, run_id, status="FAILED")
         raise
     if result.checkpoint is None:
         raise RuntimeError(f"run {name} produced no checkpoint")
     with result.checkpoint.as_directory() as d:
         encoder, spec = tracking.load_encoder_dir(Path(d))
     spec.update(describe_encoder(cfg), source_run=run_id)
-    version = tracking.register_encoder(uri, run_id, encoder, spec, model_name, cfg.tracking.alias)
-    tracking.end_run(uri, run_id)
+    version = "unregistered"
+    if run_id:
+        try:
+            version = tracking.register_encoder(uri, run_id, encoder, spec, model_name, cfg.tracking.alias)
+            tracking.end_run(uri, run_id)
+        except Exception as exc:  # noqa: BLE001 - the checkpoint holds the encoder; say where, do not crash
+            log.warning("could not register the encoder in MLflow (%s); it is in checkpoint %s", exc,
+                        redact(result.checkpoint.path))
     ckpt_uri = redact(result.checkpoint.path)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
     storage.write_bytes(state_uri, json.dumps({
-        "mlflow_run_id": run_id, "complete": True, "model_version": version, "checkpoint": ckpt_uri,
+        "mlflow_run_id": run_id, "complete": version != "unregistered", "model_version": version, "checkpoint": ckpt_uri,
         "metrics": metrics}).encode(), s3)
-    return PretrainResult(name, run_id, model_name, version, ckpt_uri, metrics)
+    return PretrainResult(name, run_id or "", model_name, version, ckpt_uri, metrics)

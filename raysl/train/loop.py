@@ -28,7 +28,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from raysl.config import PretrainConfig
 from raysl.methods import get_method
 from raysl.methods.base import Method, describe_encoder
-from raysl.train.checkpoint import load_checkpoint, save_checkpoint
+from raysl.train.checkpoint import load_checkpoint, restore_state, save_checkpoint
 from raysl.train.online_eval import OnlineKNN
 from raysl.train.optim import build_optimizer, build_scheduler
 from raysl.tracking import MetricLogger
@@ -109,25 +109,20 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     method: Method = get_method(cfg.method.name).build(cfg)
     if world > 1 and tc.sync_batchnorm and device.type == "cuda":
         method = nn.SyncBatchNorm.convert_sync_batchnorm(method)  # type: ignore[assignment]
-    state: dict[str, Any] | None = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = load_checkpoint(Path(d))
-        method.load_state_dict(state["model"])
-    model = ray.train.torch.prepare_model(method)
+    method.to(device)  # before the optimizer, so restored optimizer state lands on the parameters' device
     opt = build_optimizer(method, cfg.optim, tc.batch_size)
     sched = build_scheduler(opt, cfg.optim, tc.steps)
     counters = {"seen": 0, "bad_images": 0, "skipped_steps": 0}
     start = 0
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_checkpoint(Path(d))
+        start = restore_state(state, method=method, optimizer=opt, scheduler=sched)
         if rank == 0:  # saved counters are global sums; the other ranks count from zero
             counters.update(state["counters"])
-        start = int(state["step"])
-        method.on_step_end(start, tc.steps)  # restore schedule-derived values such as τ
         log.info("rank %d resumed at step %d", rank, start)
+    model = ray.train.torch.prepare_model(method)
 
     tracker = MetricLogger(loop_cfg.get("tracking_uri"), loop_cfg.get("run_id")) if rank == 0 else None
     knn = OnlineKNN.from_ref(loop_cfg.get("eval_ref"), cfg) if rank == 0 else None
@@ -140,6 +135,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     extra: dict[str, float] = {}
     bad_in_row, bad_examples, t0 = 0, [], time.perf_counter()
     for step in range(start + 1, tc.steps + 1):
+        if tc.fault_at_step == step and ckpt is None:
+            raise RuntimeError(f"injected fault at step {step} (train.fault_at_step)")
         raw = next(batches)
         batch, n_bad, keys = _filter_valid(raw, method.batch_columns)
         counters["seen"] += len(raw["valid"])

@@ -1,0 +1,336 @@
+"""`raysl bench`: side-by-side throughput benchmarks, each reported as a ratio measured in one run.
+
+- ``ingest``: BYOL two-view images/s through the Ray Data pipeline training uses (``read_images`` →
+  ``TwoViews`` in ``map_batches`` → ``iter_torch_batches``) vs a torch DataLoader running the same
+  TwoViews transform per sample on the same shards' bytes, both limited to ``--workers`` CPUs.
+  Parquet and WebDataset shards locally, and with ``--s3`` also read by Ray Data from a local moto S3.
+- ``step``: BYOL training samples/s in a 1-worker Ray Train TorchTrainer vs a bare PyTorch loop, same
+  model, optimizer, pre-generated batch and torch thread count (no data pipeline on either side).
+
+The machine is assumed shared and noisy: sides alternate over ``ROUNDS`` rounds and the best of each is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+ROUNDS = 2
+WARMUP_STEPS = 3
+IMAGE_SIZE = 32
+
+
+def _threads() -> int:
+    return min(2, os.cpu_count() or 1)
+
+
+def write_images(folder: Path, n: int, seed: int = 0) -> None:
+    """n 32×32 RGB JPEGs of multi-scale smooth colour noise (natural-image-like spectra) in folder/all/."""
+    rng = np.random.default_rng(seed)
+    (folder / "all").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        acc = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
+        for side, weight in ((2, 0.5), (4, 0.3), (8, 0.15), (32, 0.05)):
+            low = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8), mode="RGB")
+            acc += weight * np.asarray(low.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC), np.float32)
+        img = Image.fromarray(np.clip(acc, 0, 255).astype(np.uint8), mode="RGB")
+        img.save(folder / "all" / f"img-{i:06d}.jpg", format="JPEG", quality=90)
+
+
+def load_shard_bytes(folder: Path, fmt: str) -> list[tuple[bytes, str]]:
+    """(image bytes, key) rows of the local Parquet or WebDataset shards, for the DataLoader side."""
+    rows: list[tuple[bytes, str]] = []
+    if fmt == "parquet":
+        for f in sorted(folder.glob("*.parquet")):
+            t = pq.read_table(f, columns=["image", "key"]).to_pydict()
+            rows += [(bytes(b), str(k)) for b, k in zip(t["image"], t["key"], strict=True)]
+        return rows
+    for f in sorted(folder.glob("*.tar")):
+        with tarfile.open(f) as tar:
+            for m in tar.getmembers():
+                if m.isfile() and m.name.endswith(".jpg"):
+                    data = tar.extractfile(m)
+                    assert data is not None
+                    rows.append((data.read(), m.name[: -len(".jpg")]))
+    return rows
+
+
+class ViewsDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    """Per-sample BYOL views: the training TwoViews transform called on a 1-row batch."""
+
+    def __init__(self, rows: list[tuple[bytes, str]], transform: Any) -> None:
+        self.rows, self.transform = rows, transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        data, key = self.rows[i]
+        out = self.transform({"image": np.array([data], dtype=object), "key": np.array([key])})
+        return {"view1": torch.from_numpy(out["view1"][0]), "view2": torch.from_numpy(out["view2"][0]),
+                "valid": torch.from_numpy(out["valid"])[0]}
+
+
+def _rate(batches: Any) -> float:
+    """Images/s over all batches after the first (warm-up) one."""
+    n, t0 = 0, 0.0
+    for i, b in enumerate(batches):
+        if i == 0:
+            t0 = time.perf_counter()
+            continue
+        n += len(b["view1"])
+    elapsed = time.perf_counter() - t0
+    if n == 0:
+        raise ValueError("too few images for a measured batch after the warm-up one; raise --images")
+    return n / elapsed
+
+
+def ray_ingest(uri: str, fmt: str, batch_size: int) -> float:
+    from raysl.config import parse_config
+    from raysl.data.sources import read_images
+    from raysl.methods.byol import BYOL
+    from raysl.train.loop import NumpyCollate
+
+    # data.format is given: auto-detection trips over the manifest.json that `shard` writes beside the shards
+    cfg = parse_config({"data": {"uri": uri, "format": fmt}})
+    ds = read_images(uri, fmt=cfg.data.format).map_batches(BYOL.view_transform(cfg), batch_size=64, batch_format="numpy")
+    return _rate(ds.iter_torch_batches(batch_size=batch_size, collate_fn=NumpyCollate(), prefetch_batches=2))
+
+
+def dataloader_ingest(rows: list[tuple[bytes, str]], batch_size: int, workers: int) -> float:
+    from raysl.config import parse_config
+    from raysl.methods.byol import BYOL
+
+    tv = BYOL.view_transform(parse_config({"data": {"uri": "unused"}}))
+    loader = torch.utils.data.DataLoader(ViewsDataset(rows, tv), batch_size=batch_size, num_workers=workers)
+    return _rate(iter(loader))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_moto() -> tuple[subprocess.Popen[bytes], str]:
+    """A moto S3 server on a free port, and AWS_* variables pointing at it (set before Ray starts)."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, endpoint
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto server did not start on port {port}") from None
+            time.sleep(0.2)
+
+
+def upload(folder: Path, bucket: str, prefix: str) -> None:
+    import boto3
+
+    s3 = boto3.client("s3")
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            s3.upload_file(str(f), bucket, f"{prefix}/{f.name}")
+
+
+def bench_ingest(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+    from ray.data import DataContext, ExecutionResources
+
+    from raysl.data.shard import shard
+    from raysl.train.launch import init_ray
+
+    moto: subprocess.Popen[bytes] | None = None
+    started_ray = not ray.is_initialized()
+    with tempfile.TemporaryDirectory(prefix="raysl-bench-") as tmp:
+        root = Path(tmp)
+        try:
+            if args.s3:
+                if not started_ray:
+                    log.warning("Ray is already running: its workers may not see the moto S3 endpoint")
+                moto, endpoint = start_moto()
+                log.info("moto S3 at %s", endpoint)
+            init_ray()
+            write_images(root / "src", args.images)
+            rows_per_shard = max(64, -(-args.images // 8))
+            folders = {fmt: root / fmt for fmt in ("parquet", "webdataset")}
+            for fmt, folder in folders.items():
+                shard(str(root / "src"), str(folder), fmt, rows_per_shard=rows_per_shard)
+            uris = {(fmt, "local"): str(folder) for fmt, folder in folders.items()}
+            if moto is not None:
+                import boto3
+
+                boto3.client("s3").create_bucket(Bucket="raysl-bench")
+                for fmt, folder in folders.items():
+                    upload(folder, "raysl-bench", fmt)
+                    uris[(fmt, "s3")] = f"s3://raysl-bench/{fmt}"
+            ctx = DataContext.get_current()
+            ctx.execution_options.resource_limits = ExecutionResources(cpu=args.workers)
+            ctx.enable_progress_bars = False
+            local_rows = {fmt: load_shard_bytes(folder, fmt) for fmt, folder in folders.items()}
+            runs: dict[str, list[float]] = {}
+            for r in range(ROUNDS):
+                for fmt in folders:
+                    runs.setdefault(f"{fmt}/dataloader", []).append(
+                        dataloader_ingest(local_rows[fmt], args.batch_size, args.workers))
+                    for where in ("local", "s3"):
+                        if (fmt, where) in uris:
+                            runs.setdefault(f"{fmt}/{where}/ray", []).append(
+                                ray_ingest(uris[(fmt, where)], fmt, args.batch_size))
+                log.info("round %d/%d: %s", r + 1, ROUNDS, {k: round(v[-1], 1) for k, v in runs.items()})
+        finally:
+            if moto is not None:
+                moto.terminate()
+                moto.wait(timeout=10)
+            if started_ray:
+                ray.shutdown()
+    results: dict[str, Any] = {}
+    for (fmt, where), uri in uris.items():
+        ray_s, dl_s = max(runs[f"{fmt}/{where}/ray"]), max(runs[f"{fmt}/dataloader"])
+        results[f"{fmt}/{where}"] = {
+            "ray_img_s": round(ray_s, 1), "dataloader_img_s": round(dl_s, 1), "ratio": round(ray_s / dl_s, 3),
+            "ray_source": "s3 (moto)" if where == "s3" else "local shards",
+            "dataloader_source": "bytes of the local shards, preloaded"}
+    return {
+        "benchmark": "ingest",
+        "config": {"images": args.images, "image_px": IMAGE_SIZE, "batch_size": args.batch_size,
+                   "cpu_workers_each_side": args.workers, "rows_per_shard": rows_per_shard, "rounds": ROUNDS,
+                   "ray_data_cpu_limit": args.workers, "map_batches_batch_size": 64,
+                   "measured": "one pass over all images, timed after the first (warm-up) batch; best of rounds",
+                   "transform": "BYOL.view_transform(parse_config defaults) = TwoViews, both sides"},
+        "results": results,
+        "rounds_img_s": {k: [round(x, 1) for x in v] for k, v in runs.items()},
+    }
+
+
+def _byol_setup(backbone: str, batch_size: int) -> tuple[Any, torch.optim.Optimizer]:
+    from raysl.config import parse_config
+    from raysl.methods import get_method
+    from raysl.train.optim import build_optimizer
+
+    cfg = parse_config({"data": {"uri": "unused"}, "model": {"backbone": backbone},
+                        "train": {"batch_size": batch_size}})
+    torch.manual_seed(0)
+    method = get_method("byol").build(cfg)
+    return method, build_optimizer(method, cfg.optim, batch_size)
+
+
+def _timed_steps(model: Any, method: Any, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+                 steps: int) -> float:
+    """Samples/s over `steps` training steps after WARMUP_STEPS untimed ones."""
+    total = WARMUP_STEPS + steps
+    t0 = time.perf_counter()
+    for step in range(1, total + 1):
+        if step == WARMUP_STEPS + 1:
+            t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        out = model(batch)
+        out["loss"].backward()
+        opt.step()
+        method.on_step_end(step, total)
+    return steps * len(batch["view1"]) / (time.perf_counter() - t0)
+
+
+def bare_step(cfg: dict[str, Any]) -> float:
+    torch.set_num_threads(cfg["threads"])
+    method, opt = _byol_setup(cfg["backbone"], cfg["batch_size"])
+    return _timed_steps(method, method, opt, cfg["batch"], cfg["steps"])
+
+
+def ray_train_step(cfg: dict[str, Any]) -> None:
+    """TorchTrainer train function: the bare loop behind prepare_model, result sent with a checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    torch.set_num_threads(cfg["threads"])
+    method, opt = _byol_setup(cfg["backbone"], cfg["batch_size"])
+    model = ray.train.torch.prepare_model(method)
+    device = ray.train.torch.get_device()
+    batch = {k: v.to(device) for k, v in cfg["batch"].items()}
+    rate = _timed_steps(model, method, opt, batch, cfg["steps"])
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "samples_per_s.txt").write_text(f"{rate}\n")
+        ray.train.report({"samples_per_s": rate, "torch_threads": torch.get_num_threads()},
+                         checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def bench_step(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raysl.train.launch import init_ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    g = torch.Generator().manual_seed(0)
+    shape = (args.batch_size, 3, IMAGE_SIZE, IMAGE_SIZE)
+    batch = {v: torch.randint(0, 256, shape, dtype=torch.uint8, generator=g) for v in ("view1", "view2")}
+    cfg = {"backbone": args.backbone, "batch_size": args.batch_size, "steps": args.batches,
+           "threads": _threads(), "batch": batch}
+    started_ray = not ray.is_initialized()
+    bare: list[float] = []
+    rays: list[float] = []
+    try:
+        init_ray()
+        with tempfile.TemporaryDirectory(prefix="raysl-bench-") as tmp:
+            for r in range(ROUNDS):
+                bare.append(bare_step(cfg))
+                trainer = TorchTrainer(
+                    ray_train_step, train_loop_config=cfg,
+                    scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                    run_config=RunConfig(name=f"bench-step-{r}", storage_path=tmp))
+                result = trainer.fit()
+                rays.append(float(result.metrics["samples_per_s"]))
+                log.info("round %d/%d: bare %.1f samples/s, ray train %.1f samples/s", r + 1, ROUNDS,
+                         bare[-1], rays[-1])
+    finally:
+        if started_ray:
+            ray.shutdown()
+    ratio = max(rays) / max(bare)
+    return {
+        "benchmark": "step",
+        "config": {"method": "byol", "backbone": args.backbone, "image_px": IMAGE_SIZE,
+                   "batch_size": args.batch_size, "timed_steps": args.batches, "warmup_steps": WARMUP_STEPS,
+                   "torch_threads_each_side": _threads(), "rounds": ROUNDS, "optimizer": "build_optimizer(lars)",
+                   "ray_train": "TorchTrainer, 1 worker, CPU=1, prepare_model (no DDP wrap at world size 1)",
+                   "data": "pre-generated uint8 view1/view2, no Ray Data"},
+        "bare_samples_s": round(max(bare), 2),
+        "ray_train_samples_s": round(max(rays), 2),
+        "ratio": round(ratio, 3),
+        "target": 0.9,
+        "meets_target": ratio >= 0.9,
+        "rounds_samples_s": {"bare": [round(x, 2) for x in bare], "ray_train": [round(x, 2) for x in rays]},
+    }
+
+
+def run(what: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one benchmark (`ingest` or `step`) and return a JSON-serializable report."""
+    if what == "ingest":
+        return bench_ingest(args)
+    if what == "step":
+        return bench_step(args)
+    raise ValueError(f"bench: {what!r} is not one of ('ingest', 'step')")
