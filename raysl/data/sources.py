@@ -25,7 +25,8 @@ FORMATS = ("images", "webdataset", "parquet")
 
 
 def detect_format(files: list[str]) -> str:
-    low = [f.lower() for f in files]
+    # Manifests and notes beside the data do not decide the format.
+    low = [f.lower() for f in files if not f.lower().endswith((".json", ".txt", ".md", ".crc"))] or ["?"]
     if all(f.endswith(".parquet") for f in low):
         return "parquet"
     if all(f.endswith(".tar") for f in low):

@@ -1,0 +1,87 @@
+"""The whole path on real parts: image folder → `raysl data shard` → S3 (moto over HTTP) → 2-worker BYOL
+on Ray reading the shards from S3 and checkpointing to S3 → MLflow server (artifacts on S3) → registered
+encoder → `raysl probe` loading it by alias. Also: pretraining beats random init on held-out digits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raysl.cli import main as cli
+from raysl.config import parse_config
+from raysl.data.shard import shard
+from raysl.eval.probe import probe
+from raysl.train.launch import pretrain
+
+from .conftest import S3, digit_split, write_digit_folder
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+
+def test_shard_pretrain_register_probe_over_s3(s3: S3, mlflow_server: str, ray_cluster: None,
+                                               workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    train_idx, test_idx = digit_split()
+    folder = write_digit_folder(workspace / "digits-train", train_idx)
+    (folder / "3" / "zero.png").write_bytes(b"")
+    (folder / "5" / "notes.jpg").write_bytes(b"this is a text file, not a JPEG")
+    (folder / "7" / "cut.png").write_bytes((folder / "7").glob("*.png").__next__().read_bytes()[:60])
+    test_folder = write_digit_folder(workspace / "digits-test", test_idx)
+
+    # 1. shard through the CLI, as a user would: WebDataset for training, Parquet for the held-out split
+    train_uri, test_uri = f"s3://{s3.bucket}/digits/train-wds", f"s3://{s3.bucket}/digits/test-parquet"
+    assert cli(["data", "shard", str(folder), train_uri, "--format", "webdataset", "--rows-per-shard", "400"]) == 0
+    manifest = json.loads(s3.client().get_object(Bucket=s3.bucket, Key="digits/train-wds/manifest.json")["Body"].read())
+    assert manifest["count"] == len(train_idx) and manifest["bad"] == 3
+    assert any("notes.jpg" in e for e in manifest["bad_examples"])
+    assert manifest["labels"] and len(manifest["shards"]) >= 2
+    shard(str(test_folder), test_uri, "parquet", rows_per_shard=250)
+    capsys.readouterr()
+
+    # 2. pretrain on 2 workers: data and checkpoints on S3, tracking on the MLflow server
+    cfg = parse_config({
+        "data": {"uri": train_uri},
+        "model": {"backbone": "resnet18", "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
+        "method": {"projector_hidden": 512, "predictor_hidden": 512,
+                   "views": {"crop_scale": [0.3, 1.0], "flip_p": 0.0}},
+        "optim": {"name": "adamw", "lr": 2e-3, "scale_lr": False, "weight_decay": 1e-4, "warmup_steps": 5},
+        "train": {"steps": 30, "batch_size": 64, "num_workers": 2, "log_every": 5, "checkpoint_every": 15,
+                  "storage_path": f"s3://{s3.bucket}/runs", "torch_threads": 1},
+        "eval": {"uri": test_uri, "every": 15},
+        "tracking": {"tracking_uri": mlflow_server, "experiment": "it-e2e"},
+    })
+    result = pretrain(cfg)
+    assert result.model_version == "1"
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data.uri"] == train_uri and run.data.params["train.steps"] == "30"
+    assert not any("testing-secret" in v for v in run.data.params.values())
+    losses = client.get_metric_history(result.run_id, "loss")
+    assert [m.step for m in losses] == [5, 10, 15, 20, 25, 30]
+    assert all(0.0 <= m.value <= 4.0 for m in losses)
+    for key in ("lr", "tau", "samples_per_s", "embedding_std", "knn_top1", "bad_fraction"):
+        assert key in run.data.metrics, key
+    mv = client.get_model_version_by_alias("raysl-byol-encoder", "candidate")
+    assert mv.version == "1" and json.loads(mv.tags["image_size"]) == 32
+    ckpts = s3.keys(f"runs/{result.run_name}/")
+    assert any(k.endswith("state.pt") for k in ckpts) and any(k.endswith("encoder.safetensors") for k in ckpts)
+    assert any(k.startswith("mlflow/") for k in s3.keys("mlflow/"))  # the server put artifacts on S3
+
+    # 3. the downstream job loads the encoder from the registry by alias, through Ray Data batch inference
+    report = probe("models:/raysl-byol-encoder@candidate", train_uri, test_uri=test_uri,
+                   tracking_uri=mlflow_server)
+    s = report.scores
+    assert report.n_test == len(test_idx)
+    assert s["pretrained_linear_top1"] > s["random_init_linear_top1"] + 0.15, s
+    assert s["pretrained_knn_top1"] > s["random_init_knn_top1"] + 0.05, s
+    tagged = client.get_model_version("raysl-byol-encoder", "1").tags
+    assert float(tagged["probe.pretrained_linear_top1"]) == pytest.approx(s["pretrained_linear_top1"], abs=1e-4)
+
+    # 4. rerunning the finished config trains nothing and returns the same registered version
+    again = pretrain(cfg)
+    assert (again.run_id, again.model_version) == (result.run_id, "1")
