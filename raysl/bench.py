@@ -13,7 +13,6 @@ The machine is assumed shared and noisy: sides alternate over ``ROUNDS`` rounds 
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import os
 import socket
@@ -48,7 +47,8 @@ def write_images(folder: Path, n: int, seed: int = 0) -> None:
         acc = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
         for side, weight in ((2, 0.5), (4, 0.3), (8, 0.15), (32, 0.05)):
             low = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8), mode="RGB")
-            acc += weight * np.asarray(low.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC), np.float32)
+            up = low.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
+            acc += weight * np.asarray(up, dtype=np.float32)
         img = Image.fromarray(np.clip(acc, 0, 255).astype(np.uint8), mode="RGB")
         img.save(folder / "all" / f"img-{i:06d}.jpg", format="JPEG", quality=90)
 
@@ -87,18 +87,14 @@ class ViewsDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
                 "valid": torch.from_numpy(out["valid"])[0]}
 
 
-def _rate(batches: Any) -> float:
-    """Images/s over all batches after the first (warm-up) one."""
-    n, t0 = 0, 0.0
-    for i, b in enumerate(batches):
-        if i == 0:
-            t0 = time.perf_counter()
-            continue
+def _rate(make_batches: Any) -> float:
+    """Images/s of one full pass, timed start to end, after an untimed warm-up pass (imports, workers)."""
+    for _ in make_batches():
+        pass
+    n, t0 = 0, time.perf_counter()
+    for b in make_batches():
         n += len(b["view1"])
-    elapsed = time.perf_counter() - t0
-    if n == 0:
-        raise ValueError("too few images for a measured batch after the warm-up one; raise --images")
-    return n / elapsed
+    return n / (time.perf_counter() - t0)
 
 
 def ray_ingest(uri: str, fmt: str, batch_size: int) -> float:
@@ -109,8 +105,10 @@ def ray_ingest(uri: str, fmt: str, batch_size: int) -> float:
 
     # data.format is given: auto-detection trips over the manifest.json that `shard` writes beside the shards
     cfg = parse_config({"data": {"uri": uri, "format": fmt}})
-    ds = read_images(uri, fmt=cfg.data.format).map_batches(BYOL.view_transform(cfg), batch_size=64, batch_format="numpy")
-    return _rate(ds.iter_torch_batches(batch_size=batch_size, collate_fn=NumpyCollate(), prefetch_batches=2))
+    ds = read_images(uri, fmt=cfg.data.format)
+    ds = ds.map_batches(BYOL.view_transform(cfg), batch_size=64, batch_format="numpy")
+    return _rate(lambda: ds.iter_torch_batches(batch_size=batch_size, collate_fn=NumpyCollate(),
+                                               prefetch_batches=2))
 
 
 def dataloader_ingest(rows: list[tuple[bytes, str]], batch_size: int, workers: int) -> float:
@@ -118,8 +116,12 @@ def dataloader_ingest(rows: list[tuple[bytes, str]], batch_size: int, workers: i
     from raysl.methods.byol import BYOL
 
     tv = BYOL.view_transform(parse_config({"data": {"uri": "unused"}}))
-    loader = torch.utils.data.DataLoader(ViewsDataset(rows, tv), batch_size=batch_size, num_workers=workers)
-    return _rate(iter(loader))
+    # Not fork: a forked copy of the Ray driver's gRPC state breaks the driver's connections (hang).
+    mp_ctx = torch.multiprocessing.get_context("forkserver")
+    mp_ctx.set_forkserver_preload(["torch", "torchvision", "raysl.data.views"])
+    loader = torch.utils.data.DataLoader(ViewsDataset(rows, tv), batch_size=batch_size, num_workers=workers,
+                                         multiprocessing_context=mp_ctx, persistent_workers=True)
+    return _rate(lambda: iter(loader))
 
 
 def _free_port() -> int:
@@ -178,8 +180,9 @@ def bench_ingest(args: argparse.Namespace) -> dict[str, Any]:
             write_images(root / "src", args.images)
             rows_per_shard = max(64, -(-args.images // 8))
             folders = {fmt: root / fmt for fmt in ("parquet", "webdataset")}
-            for fmt, folder in folders.items():
-                shard(str(root / "src"), str(folder), fmt, rows_per_shard=rows_per_shard)
+            src = str(root / "src")
+            n_shards = {fmt: len(shard(src, str(folder), fmt, rows_per_shard=rows_per_shard)["shards"])
+                        for fmt, folder in folders.items()}
             uris = {(fmt, "local"): str(folder) for fmt, folder in folders.items()}
             if moto is not None:
                 import boto3
@@ -209,7 +212,7 @@ def bench_ingest(args: argparse.Namespace) -> dict[str, Any]:
             if started_ray:
                 ray.shutdown()
     results: dict[str, Any] = {}
-    for (fmt, where), uri in uris.items():
+    for fmt, where in uris:
         ray_s, dl_s = max(runs[f"{fmt}/{where}/ray"]), max(runs[f"{fmt}/dataloader"])
         results[f"{fmt}/{where}"] = {
             "ray_img_s": round(ray_s, 1), "dataloader_img_s": round(dl_s, 1), "ratio": round(ray_s / dl_s, 3),
@@ -218,9 +221,11 @@ def bench_ingest(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "ingest",
         "config": {"images": args.images, "image_px": IMAGE_SIZE, "batch_size": args.batch_size,
-                   "cpu_workers_each_side": args.workers, "rows_per_shard": rows_per_shard, "rounds": ROUNDS,
+                   "cpu_workers_each_side": args.workers, "rows_per_shard": rows_per_shard,
+                   "shards_written": n_shards, "rounds": ROUNDS,
                    "ray_data_cpu_limit": args.workers, "map_batches_batch_size": 64,
-                   "measured": "one pass over all images, timed after the first (warm-up) batch; best of rounds",
+                   "measured": "a full pass over all images, timed start to end after an untimed "
+                               "warm-up pass; best of rounds",
                    "transform": "BYOL.view_transform(parse_config defaults) = TwoViews, both sides"},
         "results": results,
         "rounds_img_s": {k: [round(x, 1) for x in v] for k, v in runs.items()},
@@ -304,6 +309,8 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
                     scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
                     run_config=RunConfig(name=f"bench-step-{r}", storage_path=tmp))
                 result = trainer.fit()
+                if not result.metrics or "samples_per_s" not in result.metrics:
+                    raise RuntimeError(f"Ray Train run reported no samples_per_s: {result.metrics!r}")
                 rays.append(float(result.metrics["samples_per_s"]))
                 log.info("round %d/%d: bare %.1f samples/s, ray train %.1f samples/s", r + 1, ROUNDS,
                          bare[-1], rays[-1])
@@ -315,7 +322,8 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "step",
         "config": {"method": "byol", "backbone": args.backbone, "image_px": IMAGE_SIZE,
                    "batch_size": args.batch_size, "timed_steps": args.batches, "warmup_steps": WARMUP_STEPS,
-                   "torch_threads_each_side": _threads(), "rounds": ROUNDS, "optimizer": "build_optimizer(lars)",
+                   "torch_threads_each_side": _threads(), "rounds": ROUNDS,
+                   "optimizer": "raysl.train.optim.build_optimizer (config default: lars)",
                    "ray_train": "TorchTrainer, 1 worker, CPU=1, prepare_model (no DDP wrap at world size 1)",
                    "data": "pre-generated uint8 view1/view2, no Ray Data"},
         "bare_samples_s": round(max(bare), 2),

@@ -63,7 +63,8 @@ def run_name(cfg: PretrainConfig) -> str:
     if cfg.train.run_name:
         return cfg.train.run_name
     tree = cfg.model_dump(mode="json", exclude={"tracking": True, "eval": {"every"}})
-    tree["train"].pop("log_every", None)
+    for key in ("log_every", "fault_at_step", "max_failures"):  # how a run is watched, not what it trains
+        tree["train"].pop(key, None)
     digest = hashlib.sha1(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.method.name}-{digest}"
 

@@ -125,6 +125,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(method)
 
     tracker = MetricLogger(loop_cfg.get("tracking_uri"), loop_cfg.get("run_id")) if rank == 0 else None
+    if tracker is not None and ckpt is not None:
+        tracker.log({"resumed_from_step": start}, start)  # a restart shows in MLflow, not only in logs
     knn = OnlineKNN.from_ref(loop_cfg.get("eval_ref"), cfg) if rank == 0 else None
     spec = describe_encoder(cfg)
     params = [p for p in method.parameters() if p.requires_grad]
