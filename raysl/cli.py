@@ -20,7 +20,8 @@ log = logging.getLogger("raysl")
 
 
 def _setup(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(logging, args.log_level),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if args.address:

@@ -38,6 +38,8 @@ def tracking_uri(configured: str | None = None) -> str:
 
 def _client(uri: str) -> Any:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    for k, v in _TRANSIENT.items():  # fail fast in an outage instead of minutes of back-off; env wins
+        os.environ.setdefault(k, v)
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -97,8 +99,6 @@ class MetricLogger:
         self._q: queue.Queue[tuple[dict[str, float], int, int] | None] = queue.Queue(max_queue)
         self._thread: threading.Thread | None = None
         if self.enabled:
-            for k, v in _TRANSIENT.items():
-                os.environ.setdefault(k, v)
             self._client = _client(str(uri))
             self._thread = threading.Thread(target=self._run, name="raysl-mlflow", daemon=True)
             self._thread.start()

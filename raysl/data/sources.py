@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -115,15 +115,17 @@ def read_images(
     if not files:
         raise StorageError(f"data URI {redact(uri)!r} holds no {fmt} files")
     fs, _ = resolve(uri, s3)
-    shuffle = "files" if shuffle_files else None
+    shuffle: Literal["files"] | None = "files" if shuffle_files else None
     log.info("reading %d %s file(s) from %s", len(files), fmt, redact(uri))
     ds: ray.data.Dataset
     if fmt == "images":
         ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True, shuffle=shuffle)
-        ds = ds.map_batches(_norm_folder, fn_kwargs={"with_labels": with_labels}, batch_format="numpy")
+        ds = ds.map_batches(_norm_folder,  # type: ignore[arg-type]
+                             fn_kwargs={"with_labels": with_labels}, batch_format="numpy")
     elif fmt == "webdataset":
         ds = ray.data.read_webdataset(files, filesystem=fs, decoder=None, shuffle=shuffle)
-        ds = ds.map_batches(_norm_wds, fn_kwargs={"with_labels": with_labels}, batch_format="numpy")
+        ds = ds.map_batches(_norm_wds,  # type: ignore[arg-type]
+                             fn_kwargs={"with_labels": with_labels}, batch_format="numpy")
     else:
         cols = pq.read_schema(files[0], filesystem=fs).names
         if image_column not in cols:
@@ -139,7 +141,7 @@ def read_images(
         wanted = [c for c in (image_column, lab, key_col) if c]
         ds = ray.data.read_parquet(files, filesystem=fs, columns=wanted, shuffle=shuffle)
         ds = ds.map_batches(
-            _norm_parquet,
+            _norm_parquet,  # type: ignore[arg-type]
             fn_kwargs={"image_column": image_column, "label_column": lab, "key_column": key_col},
             batch_format="numpy",
         )

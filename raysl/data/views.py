@@ -33,7 +33,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > max_pixels:
                 raise BadImage(f"{w}x{h} exceeds max_image_pixels={max_pixels}")
@@ -51,7 +51,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
-def decode_batch(images: Sequence[bytes], keys: Sequence[str], max_pixels: int) -> list[Image.Image | None]:
+def decode_batch(images: Sequence[bytes] | np.ndarray, keys: Sequence[str] | np.ndarray,
+                 max_pixels: int) -> list[Image.Image | None]:
     out: list[Image.Image | None] = []
     for data, key in zip(images, keys, strict=True):
         try:

@@ -46,7 +46,7 @@ class BYOL(Method):
         self.tau_base = m.tau_base
         self.tau = m.tau_base
         self.backbone = create_backbone(mc.backbone, cifar_stem=mc.cifar_stem, image_size=mc.image_size)
-        dim = int(self.backbone.num_features)
+        dim = int(self.backbone.num_features)  # type: ignore[arg-type]
         self.projector = mlp(dim, m.projector_hidden, m.projector_dim)
         self.predictor = mlp(m.projector_dim, m.predictor_hidden, m.projector_dim)
         self.target_backbone = make_target(self.backbone)

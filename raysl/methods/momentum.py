@@ -35,8 +35,8 @@ def make_target(online: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, tau: float) -> None:
-    t_params = list(target.parameters())
-    o_params = [p.detach() for p in online.parameters()]
+    t_params: list[torch.Tensor] = list(target.parameters())
+    o_params: list[torch.Tensor] = [p.detach() for p in online.parameters()]
     if len(t_params) != len(o_params):
         raise RuntimeError("target and online networks differ in structure")
     torch._foreach_lerp_(t_params, o_params, 1.0 - tau)

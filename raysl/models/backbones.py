@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import timm
 import torch.nn as nn
 
@@ -12,7 +14,7 @@ def create_backbone(name: str, *, cifar_stem: bool = False, image_size: int | No
     cifar_stem swaps a ResNet's 7×7 stride-2 conv + max-pool for a 3×3 stride-1 conv, the usual
     change for 32 px images.
     """
-    kwargs: dict[str, object] = {"pretrained": False, "num_classes": 0}
+    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0}
     if image_size is not None and name.startswith(("vit", "deit", "eva")):
         kwargs["img_size"] = image_size
     try:
@@ -22,7 +24,7 @@ def create_backbone(name: str, *, cifar_stem: bool = False, image_size: int | No
     if cifar_stem:
         if not (hasattr(model, "conv1") and hasattr(model, "maxpool")):
             raise ValueError(f"model.cifar_stem: only ResNet-style backbones have a stem to swap, not {name!r}")
-        out_ch = model.conv1.out_channels
+        out_ch = int(model.conv1.out_channels)  # type: ignore[union-attr,arg-type]
         model.conv1 = nn.Conv2d(3, out_ch, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
     return model

@@ -179,6 +179,7 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
     ckpt_uri = redact(result.checkpoint.path)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
     storage.write_bytes(state_uri, json.dumps({
-        "mlflow_run_id": run_id, "complete": version != "unregistered", "model_version": version, "checkpoint": ckpt_uri,
+        "mlflow_run_id": run_id, "complete": version != "unregistered", "model_version": version,
+        "checkpoint": ckpt_uri,
         "metrics": metrics}).encode(), s3)
     return PretrainResult(name, run_id or "", model_name, version, ckpt_uri, metrics)

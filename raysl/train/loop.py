@@ -28,10 +28,10 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from raysl.config import PretrainConfig
 from raysl.methods import get_method
 from raysl.methods.base import Method, describe_encoder
+from raysl.tracking import MetricLogger
 from raysl.train.checkpoint import load_checkpoint, restore_state, save_checkpoint
 from raysl.train.online_eval import OnlineKNN
 from raysl.train.optim import build_optimizer, build_scheduler
-from raysl.tracking import MetricLogger
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class NonFiniteLossError(RuntimeError):
 class NumpyCollate(NumpyBatchCollateFn):
     """Numeric columns → tensors; string columns (keys, labels) stay as numpy for bookkeeping."""
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:  # type: ignore[override]
         return {k: torch.from_numpy(np.ascontiguousarray(v)) if v.dtype.kind in "biuf" else v
                 for k, v in batch.items()}
 
@@ -78,7 +78,7 @@ def _all_sum(values: list[float]) -> list[float]:
     return [float(x) for x in t.cpu()]
 
 
-def _grads_finite(params: list[torch.Tensor]) -> bool:
+def _grads_finite(params: list[nn.Parameter]) -> bool:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return True
@@ -129,13 +129,14 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         tracker.log({"resumed_from_step": start}, start)  # a restart shows in MLflow, not only in logs
     knn = OnlineKNN.from_ref(loop_cfg.get("eval_ref"), cfg) if rank == 0 else None
     spec = describe_encoder(cfg)
-    params = [p for p in method.parameters() if p.requires_grad]
+    params: list[nn.Parameter] = [p for p in method.parameters() if p.requires_grad]
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if (tc.amp and device.type == "cuda") else nullcontext()
     batches = _batches(ray.train.get_dataset_shard("train"), max(2, tc.batch_size // world),
                        cfg.data.shuffle_buffer, tc.seed * 1000 + rank)
     window: dict[str, float] = {"loss": 0.0, "n": 0, "samples": 0}
     extra: dict[str, float] = {}
-    bad_in_row, bad_examples, t0 = 0, [], time.perf_counter()
+    bad_in_row, t0 = 0, time.perf_counter()
+    bad_examples: list[str] = []
     for step in range(start + 1, tc.steps + 1):
         if tc.fault_at_step == step and ckpt is None:
             raise RuntimeError(f"injected fault at step {step} (train.fault_at_step)")

@@ -5,6 +5,8 @@ Biases and normalization weights get no weight decay (and so no LARS adaptation)
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 from timm.optim import create_optimizer_v2
@@ -19,7 +21,7 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int) -> torch.optim.Optimizer:
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, Any] = {}
     if cfg.name in ("lars", "sgd"):
         kwargs["momentum"] = cfg.momentum
     # timm's param groups skip requires_grad=False parameters, so EMA targets are never optimized.
