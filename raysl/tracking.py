@@ -80,6 +80,12 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], 
     return str(run.info.run_id)
 
 
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    client = _client(uri)
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+
+
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     try:
         _client(uri).set_terminated(run_id, status=status)

@@ -171,6 +171,8 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
     version = "unregistered"
     if run_id:
         try:
+            tracking.set_tags(uri, run_id, {"raysl.checkpoint": redact(result.checkpoint.path),
+                                            "raysl.checkpoint_dir": f"{redact(cfg.train.storage_path)}/{name}"})
             version = tracking.register_encoder(uri, run_id, encoder, spec, model_name, cfg.tracking.alias)
             tracking.end_run(uri, run_id)
         except Exception as exc:  # noqa: BLE001 - the checkpoint holds the encoder; say where, do not crash
