@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 _SECRET_KEY = re.compile(r"(secret|password|token|credential|access_key|session_key)", re.IGNORECASE)
 
@@ -52,6 +52,8 @@ class ModelConfig(Strict):
     backbone: str = "resnet18"
     cifar_stem: bool = Field(False, description="3x3 stride-1 stem, no max-pool (ResNets on 32 px images)")
     image_size: int = Field(32, ge=8)
+    patch_size: int | None = Field(None, ge=1, description="ViTs: patch size (timm's default if unset)")
+    backbone_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model args")
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -78,6 +80,25 @@ class BYOLConfig(Strict):
     views: BYOLViewConfig = BYOLViewConfig()
 
 
+class IJEPAConfig(Strict):
+    name: Literal["ijepa"] = "ijepa"
+    predictor_depth: int = Field(6, ge=1)
+    predictor_width: int = Field(384, ge=8)
+    predictor_heads: int = Field(6, ge=1)
+    num_targets: int = Field(4, ge=1)
+    target_scale: tuple[float, float] = (0.15, 0.2)
+    target_aspect: tuple[float, float] = (0.75, 1.5)
+    context_scale: tuple[float, float] = (0.85, 1.0)
+    min_keep: int = Field(4, ge=1)
+    momentum: tuple[float, float] = Field((0.996, 1.0), description="EMA momentum, linear from first to second")
+    loss: Literal["l2", "smooth_l1"] = "l2"
+    crop_scale: tuple[float, float] = (0.3, 1.0)
+    flip_p: float = 0.5
+
+
+MethodConfig = Annotated[Union[BYOLConfig, IJEPAConfig], Field(discriminator="name")]  # noqa: UP007
+
+
 class OptimConfig(Strict):
     name: Literal["lars", "adamw", "sgd"] = "lars"
     lr: float = Field(0.2, gt=0, description="base LR for a batch of 256 when scale_lr is set")
@@ -86,6 +107,7 @@ class OptimConfig(Strict):
     momentum: float = 0.9
     warmup_steps: int = Field(10, ge=0)
     min_lr: float = Field(0.0, ge=0)
+    weight_decay_end: float | None = Field(None, ge=0, description="cosine weight-decay schedule to this value")
 
 
 class TrainConfig(Strict):
@@ -126,7 +148,7 @@ class OnlineEvalConfig(Strict):
 
 
 class PretrainConfig(Strict):
-    method: BYOLConfig = BYOLConfig()
+    method: MethodConfig = BYOLConfig()
     data: DataConfig
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
@@ -135,15 +157,28 @@ class PretrainConfig(Strict):
     eval: OnlineEvalConfig = OnlineEvalConfig()
     s3: S3Config = S3Config()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_method(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("method"), dict) and "name" not in data["method"]:
+            data = {**data, "method": {"name": "byol", **data["method"]}}
+        return data
+
 
 def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """Walk a pydantic model along an error location to the model that owns its last part."""
     current: Any = model
-    for part in loc[:-1]:
+    parts = list(loc[:-1])
+    while parts:
+        part = parts.pop(0)
         field = current.model_fields.get(part) if isinstance(part, str) else None
         if field is None:
             return None
         ann = field.annotation
+        members = [a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if members and parts:  # a tagged union: pydantic puts the tag in the location
+            tag = parts.pop(0)
+            ann = next((m for m in members if m.model_fields["name"].default == tag), None)
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return None
         current = ann

@@ -177,7 +177,8 @@ def load_encoder_dir(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     from raysl.models.backbones import create_backbone
 
     spec = json.loads((folder / "encoder.json").read_text())
-    model = create_backbone(spec["backbone"], cifar_stem=spec["cifar_stem"], image_size=spec["image_size"])
+    model = create_backbone(spec["backbone"], cifar_stem=spec["cifar_stem"], image_size=spec["image_size"],
+                            patch_size=spec.get("patch_size"), **spec.get("backbone_kwargs", {}))
     model.load_state_dict(load_file(str(folder / "encoder.safetensors")))
     model.eval()
     return model, spec

@@ -129,6 +129,24 @@ class TwoViews(_Transform):
         return self._passthrough(batch, {"view1": views[0], "view2": views[1], "valid": valid})
 
 
+class OneView(_Transform):
+    """I-JEPA: one random resized crop and a flip; no hand-crafted augmentations (the paper's point)."""
+
+    def __init__(self, image_size: int, max_pixels: int, *, crop_scale: tuple[float, float], flip_p: float) -> None:
+        super().__init__(image_size, max_pixels)
+        self.pipe = T.Compose([T.RandomResizedCrop(image_size, scale=crop_scale, antialias=True),
+                               T.RandomHorizontalFlip(flip_p), T.PILToTensor()])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        imgs, valid = self._decoded(batch)
+        s = self.size
+        arr = np.zeros((len(imgs), 3, s, s), dtype=np.uint8)
+        for i, im in enumerate(imgs):
+            if im is not None:
+                arr[i] = _to_chw_uint8(self.pipe(im))
+        return self._passthrough(batch, {"image": arr, "valid": valid})
+
+
 class EvalView(_Transform):
     """Evaluation and embedding: decode and resize to the encoder's image size, no augmentation."""
 

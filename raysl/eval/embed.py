@@ -25,7 +25,8 @@ class Embedder:
         if with_random:
             torch.manual_seed(seed)
             s = self.spec
-            self.random = create_backbone(s["backbone"], cifar_stem=s["cifar_stem"], image_size=s["image_size"])
+            self.random = create_backbone(s["backbone"], cifar_stem=s["cifar_stem"], image_size=s["image_size"],
+                                          patch_size=s.get("patch_size"), **s.get("backbone_kwargs", {}))
             self.random.eval()
         self.with_pixels = with_pixels
 

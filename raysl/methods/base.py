@@ -27,6 +27,8 @@ class Method(nn.Module, ABC):
     required_columns: ClassVar[frozenset[str]] = frozenset({"image"})
     #: columns the view transform yields that the training loop feeds to forward()
     batch_columns: ClassVar[tuple[str, ...]]
+    #: timm arguments the method's encoder needs unless the config says otherwise
+    encoder_defaults: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     @abstractmethod
@@ -56,6 +58,14 @@ class Method(nn.Module, ABC):
 
 
 M = TypeVar("M", bound=type[Method])
+C = TypeVar("C")
+
+
+def method_config(cfg: PretrainConfig, kind: type[C]) -> C:
+    """The method section of `cfg`, checked to be of the kind a method class expects."""
+    if not isinstance(cfg.method, kind):
+        raise ValueError(f"method.name {cfg.method.name!r} does not configure {kind.__name__}")
+    return cfg.method
 _REGISTRY: dict[str, type[Method]] = {}
 
 
@@ -75,6 +85,11 @@ def get_method(name: str) -> type[Method]:
         raise ValueError(f"method.name: {name!r} is not a method; allowed: {registered()}") from None
 
 
+def backbone_kwargs(cfg: PretrainConfig) -> dict[str, Any]:
+    """Extra timm arguments for the encoder: the method's defaults, then the config's."""
+    return {**get_method(cfg.method.name).encoder_defaults, **cfg.model.backbone_kwargs}
+
+
 def describe_encoder(cfg: PretrainConfig) -> dict[str, Any]:
     """What a downstream job needs to rebuild and feed the encoder: architecture and preprocessing."""
     return {
@@ -82,6 +97,8 @@ def describe_encoder(cfg: PretrainConfig) -> dict[str, Any]:
         "backbone": cfg.model.backbone,
         "cifar_stem": cfg.model.cifar_stem,
         "image_size": cfg.model.image_size,
+        "patch_size": cfg.model.patch_size,
+        "backbone_kwargs": backbone_kwargs(cfg),
         "mean": list(cfg.model.mean),
         "std": list(cfg.model.std),
     }

@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from raysl.config import PretrainConfig
+from raysl.config import BYOLConfig, PretrainConfig
 from raysl.data.views import TwoViews, normalize
-from raysl.methods.base import BatchFn, Method, register
+from raysl.methods.base import BatchFn, Method, backbone_kwargs, method_config, register
 from raysl.methods.momentum import cosine_tau, ema_update, make_target
 from raysl.models.backbones import create_backbone
 from raysl.models.heads import mlp
@@ -41,11 +41,12 @@ class BYOL(Method):
 
     def __init__(self, cfg: PretrainConfig) -> None:
         super().__init__()
-        m, mc = cfg.method, cfg.model
+        m, mc = method_config(cfg, BYOLConfig), cfg.model
         self.mean, self.std = mc.mean, mc.std
         self.tau_base = m.tau_base
         self.tau = m.tau_base
-        self.backbone = create_backbone(mc.backbone, cifar_stem=mc.cifar_stem, image_size=mc.image_size)
+        self.backbone = create_backbone(mc.backbone, cifar_stem=mc.cifar_stem, image_size=mc.image_size,
+                                        patch_size=mc.patch_size, **backbone_kwargs(cfg))
         dim = int(self.backbone.num_features)  # type: ignore[arg-type]
         self.projector = mlp(dim, m.projector_hidden, m.projector_dim)
         self.predictor = mlp(m.projector_dim, m.predictor_hidden, m.projector_dim)
@@ -58,7 +59,7 @@ class BYOL(Method):
 
     @classmethod
     def view_transform(cls, cfg: PretrainConfig) -> BatchFn:
-        v = cfg.method.views
+        v = method_config(cfg, BYOLConfig).views
         return TwoViews(
             cfg.model.image_size,
             cfg.data.max_image_pixels,

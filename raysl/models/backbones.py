@@ -8,15 +8,18 @@ import timm
 import torch.nn as nn
 
 
-def create_backbone(name: str, *, cifar_stem: bool = False, image_size: int | None = None) -> nn.Module:
+def create_backbone(name: str, *, cifar_stem: bool = False, image_size: int | None = None,
+                    patch_size: int | None = None, **extra: Any) -> nn.Module:
     """Build `name` from timm without pretrained weights; returns a module with `.num_features`.
 
     cifar_stem swaps a ResNet's 7×7 stride-2 conv + max-pool for a 3×3 stride-1 conv, the usual
     change for 32 px images.
     """
-    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0}
+    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0, **extra}
     if image_size is not None and name.startswith(("vit", "deit", "eva")):
         kwargs["img_size"] = image_size
+    if patch_size is not None:
+        kwargs["patch_size"] = patch_size
     try:
         model = timm.create_model(name, **kwargs)
     except RuntimeError as exc:

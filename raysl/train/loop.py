@@ -31,7 +31,7 @@ from raysl.methods.base import Method, describe_encoder
 from raysl.tracking import MetricLogger
 from raysl.train.checkpoint import load_checkpoint, restore_state, save_checkpoint
 from raysl.train.online_eval import OnlineKNN
-from raysl.train.optim import build_optimizer, build_scheduler
+from raysl.train.optim import apply_weight_decay, build_optimizer, build_scheduler, weight_decay_at
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 raise NonFiniteLossError(f"loss/gradient not finite for {bad_in_row} steps in a row "
                                          f"(step {step}); the last good checkpoint is kept")
         sched.step_update(step)
+        if cfg.optim.weight_decay_end is not None:
+            apply_weight_decay(opt, weight_decay_at(cfg.optim, step, tc.steps))
         extra = method.on_step_end(step, tc.steps)
         window["loss"] += float(out["loss"].detach())
         window["n"] += 1

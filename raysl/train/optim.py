@@ -5,6 +5,7 @@ Biases and normalization weights get no weight decay (and so no LARS adaptation)
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -37,3 +38,18 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: i
         opt, t_initial=max(total_steps - warmup, 1), lr_min=cfg.min_lr, warmup_t=warmup, warmup_lr_init=0.0,
         warmup_prefix=True, t_in_epochs=False,
     )
+
+
+def weight_decay_at(cfg: OptimConfig, step: int, total_steps: int) -> float:
+    """Cosine weight-decay schedule from weight_decay to weight_decay_end (I-JEPA: 0.04 → 0.4)."""
+    if cfg.weight_decay_end is None:
+        return cfg.weight_decay
+    k = min(max(step, 0), total_steps)
+    start, end = cfg.weight_decay, cfg.weight_decay_end
+    return end - (end - start) * (1 + math.cos(math.pi * k / total_steps)) / 2
+
+
+def apply_weight_decay(opt: torch.optim.Optimizer, value: float) -> None:
+    for group in opt.param_groups:
+        if group.get("weight_decay", 0.0) > 0.0:  # the no-decay group (biases, norms) stays at zero
+            group["weight_decay"] = value

@@ -56,3 +56,17 @@ def test_builtin_config_by_name() -> None:
 def test_flatten_drops_secrets() -> None:
     flat = flatten({"s3": {"endpoint_url": "http://h", "secret_access_key": "SHH"}, "aws_session_token": "T"})
     assert flat == {"s3.endpoint_url": "http://h"}
+
+
+def test_method_union_errors_name_the_method_fields() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config({"data": {"uri": "/x"}, "method": {"name": "ijepa", "predictor_dpth": 3}})
+    assert "predictor_dpth" in str(e.value) and "predictor_depth" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse_config({"data": {"uri": "/x"}, "method": {"name": "simclr"}})
+    assert "'byol'" in str(e.value) and "'ijepa'" in str(e.value)
+
+
+def test_placeholder_uri_is_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"data\.uri.*required"):
+        load_config("byol")
