@@ -83,7 +83,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from raysl.demo import run_demo
 
-    return run_demo(Path(args.workdir), steps=args.steps)
+    return run_demo(Path(args.workdir), steps=args.steps, method=args.method)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="digits → BYOL → MLflow registry → probe, on this machine")
     s.add_argument("--workdir", default="demo-output")
-    s.add_argument("--steps", type=int, default=150)
+    s.add_argument("--steps", type=int, default=100)
+    s.add_argument("--method", default="byol", choices=["byol", "ijepa"])
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("bench", help="side-by-side throughput benchmarks (ratios)")

@@ -50,23 +50,40 @@ def write_digits(root: Path, *, n_test: int = 500, shards: int = 4, seed: int = 
     return out
 
 
-def demo_config(data: dict[str, Path], workdir: Path, steps: int) -> dict[str, Any]:
-    return {
-        "data": {"uri": str(data["train"])},
+_DEMO_METHODS: dict[str, dict[str, Any]] = {
+    "byol": {
         "model": {"backbone": "resnet18", "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
         "method": {"name": "byol", "projector_hidden": 1024, "predictor_hidden": 1024,
                    "views": {"crop_scale": [0.3, 1.0], "flip_p": 0.0}},
         "optim": {"name": "adamw", "lr": 2e-3, "scale_lr": False, "weight_decay": 1e-4, "warmup_steps": 10},
+    },
+    "ijepa": {  # ViT-tiny on 8×8 patches of 4 px; digits are not mirror-symmetric, so no flips
+        "model": {"backbone": "vit_tiny_patch16_224", "image_size": 32, "patch_size": 4,
+                  "mean": [0.5] * 3, "std": [0.5] * 3},
+        "method": {"name": "ijepa", "predictor_depth": 4, "predictor_width": 96, "predictor_heads": 3,
+                   "flip_p": 0.0},
+        "optim": {"name": "adamw", "lr": 1e-3, "scale_lr": False, "weight_decay": 0.04,
+                  "weight_decay_end": 0.4, "warmup_steps": 15},
+    },
+}
+
+
+def demo_config(data: dict[str, Path], workdir: Path, steps: int, method: str = "byol") -> dict[str, Any]:
+    if method not in _DEMO_METHODS:
+        raise ValueError(f"--method: {method!r} is not one of {sorted(_DEMO_METHODS)}")
+    return {
+        **_DEMO_METHODS[method],
+        "data": {"uri": str(data["train"])},
         "train": {"steps": steps, "batch_size": 128, "num_workers": 2, "checkpoint_every": 50, "log_every": 10,
-                  "storage_path": str(workdir / "checkpoints"), "run_name": f"demo-byol-{steps}",
+                  "storage_path": str(workdir / "checkpoints"), "run_name": f"demo-{method}-{steps}",
                   "torch_threads": 1},
         "eval": {"uri": str(data["test"]), "every": 25},
         "tracking": {"experiment": "raysl-demo"},
     }
 
 
-def run_demo(workdir: Path, steps: int = 150) -> int:
-    """Write the digits, pretrain BYOL on 2 local workers, register, probe; print the comparison."""
+def run_demo(workdir: Path, steps: int = 100, method: str = "byol") -> int:
+    """Write the digits, pretrain on 2 local workers, register, probe; print the comparison."""
     import os
     import time
 
@@ -78,17 +95,18 @@ def run_demo(workdir: Path, steps: int = 150) -> int:
     t0 = time.perf_counter()
     data = write_digits(workdir / "digits")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}"
-    tree = demo_config(data, workdir, steps)
+    tree = demo_config(data, workdir, steps, method)
     tree["tracking"]["tracking_uri"] = uri
     cfg = parse_config(tree)
-    log.info("[1/3] wrote %s digits; [2/3] pretraining BYOL for %d steps on 2 Ray workers", data["train"], steps)
+    log.info("[1/3] wrote %s digits; [2/3] pretraining %s for %d steps on 2 Ray workers", data["train"],
+             method, steps)
     init_ray()
     result = pretrain(cfg)
     model_uri = f"models:/{result.model_name}@{cfg.tracking.alias}"
     log.info("[3/3] probing %s (version %s) on held-out digits", model_uri, result.model_version)
     report = probe(model_uri, str(data["train"]), test_uri=str(data["test"]), tracking_uri=uri,
                    raw_pixels=True)
-    print(f"\nBYOL on sklearn digits — {report.n_train} probe-train / {report.n_test} held-out images, "
+    print(f"\n{method} on sklearn digits — {report.n_train} probe-train / {report.n_test} held-out images, "
           f"{steps} steps, {time.perf_counter() - t0:.0f} s in all\n")
     print(report.table())
     print("\nkNN: k=20, cosine, temperature-weighted votes; linear: logistic regression on frozen features.")

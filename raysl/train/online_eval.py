@@ -34,7 +34,7 @@ def extract(encoder: nn.Module, images: np.ndarray, mean: Any, std: Any, device:
 
 class OnlineKNN:
     def __init__(self, images: np.ndarray, labels: np.ndarray, cfg: PretrainConfig) -> None:
-        self.images, self.labels = np.array(images), torch.as_tensor(labels, dtype=torch.long)
+        self.images, self.labels = np.array(images), torch.tensor(np.array(labels), dtype=torch.long)
         self.mean, self.std, self.k = cfg.model.mean, cfg.model.std, cfg.eval.k
 
     @classmethod
