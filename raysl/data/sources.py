@@ -103,6 +103,7 @@ def read_images(
     with_labels: bool = False,
     limit: int | None = None,
     shuffle_files: bool = False,
+    rows_per_block: int | None = 64,
 ) -> ray.data.Dataset:
     """Open an image corpus as a stream of {image: bytes, key: str[, label: str]} rows."""
     s3 = s3 or S3Settings.resolve()
@@ -147,6 +148,9 @@ def read_images(
         )
     if limit is not None:
         ds = ds.limit(limit)
+    if rows_per_block:
+        # A shard is often one block; split it (streaming) so decode and augmentation spread over every CPU.
+        ds = ds.repartition(target_num_rows_per_block=rows_per_block)
     return ds
 
 
