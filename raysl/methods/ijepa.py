@@ -53,7 +53,9 @@ def gather_blocks(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 class IJEPA(Method):
     name = "ijepa"
     batch_columns = ("image",)
-    encoder_defaults = {"global_pool": "avg"}  # the paper evaluates average-pooled patch features
+    # The paper evaluates average-pooled patch features; fc_norm=False keeps timm's final LayerNorm on
+    # every token (what the loss sees) instead of moving it after the pooling.
+    encoder_defaults = {"global_pool": "avg", "fc_norm": False}
 
     def __init__(self, cfg: PretrainConfig) -> None:
         super().__init__()
