@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -82,7 +82,17 @@ class _Transform:
         valid = np.array([im is not None for im in imgs], dtype=bool)
         return imgs, valid
 
-    def _passthrough(self, batch: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _render(self, batch: dict[str, np.ndarray],
+                outputs: dict[str, Callable[[Image.Image], Image.Image | torch.Tensor]]) -> dict[str, np.ndarray]:
+        """Decode once, apply each named output's pipeline: uint8 (N,3,S,S) per name, zeros where invalid."""
+        imgs, valid = self._decoded(batch)
+        s = self.size
+        out = {name: np.zeros((len(imgs), 3, s, s), dtype=np.uint8) for name in outputs}
+        for i, im in enumerate(imgs):
+            if im is not None:
+                for name, pipe in outputs.items():
+                    out[name][i] = _to_chw_uint8(pipe(im))
+        out["valid"] = valid
         out["key"] = np.asarray(batch["key"])
         if "label" in batch:
             out["label"] = np.asarray(batch["label"])
@@ -118,15 +128,7 @@ class TwoViews(_Transform):
         ]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        imgs, valid = self._decoded(batch)
-        n, s = len(imgs), self.size
-        views = [np.zeros((n, 3, s, s), dtype=np.uint8) for _ in (0, 1)]
-        for i, im in enumerate(imgs):
-            if im is None:
-                continue
-            for v in (0, 1):
-                views[v][i] = _to_chw_uint8(self.pipes[v](im))
-        return self._passthrough(batch, {"view1": views[0], "view2": views[1], "valid": valid})
+        return self._render(batch, {"view1": self.pipes[0], "view2": self.pipes[1]})
 
 
 class OneView(_Transform):
@@ -138,28 +140,16 @@ class OneView(_Transform):
                                T.RandomHorizontalFlip(flip_p), T.PILToTensor()])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        imgs, valid = self._decoded(batch)
-        s = self.size
-        arr = np.zeros((len(imgs), 3, s, s), dtype=np.uint8)
-        for i, im in enumerate(imgs):
-            if im is not None:
-                arr[i] = _to_chw_uint8(self.pipe(im))
-        return self._passthrough(batch, {"image": arr, "valid": valid})
+        return self._render(batch, {"image": self.pipe})
 
 
 class EvalView(_Transform):
     """Evaluation and embedding: decode and resize to the encoder's image size, no augmentation."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        imgs, valid = self._decoded(batch)
         s = self.size
-        arr = np.zeros((len(imgs), 3, s, s), dtype=np.uint8)
-        for i, im in enumerate(imgs):
-            if im is not None:
-                if im.size != (s, s):
-                    im = im.resize((s, s), Image.Resampling.BICUBIC)
-                arr[i] = _to_chw_uint8(im)
-        return self._passthrough(batch, {"image": arr, "valid": valid})
+        return self._render(batch, {"image": lambda im: im if im.size == (s, s) else
+                                    im.resize((s, s), Image.Resampling.BICUBIC)})
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
