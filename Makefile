@@ -32,7 +32,7 @@ integration: venv
 	$(VENV)/bin/pytest tests/integration -q
 
 test: lint
-	$(VENV)/bin/pytest tests -q --durations=15
+	$(VENV)/bin/pytest tests/unit tests/integration -q --durations=15
 
 bench: venv
 	$(VENV)/bin/raysl bench ingest

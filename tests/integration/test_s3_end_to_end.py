@@ -49,7 +49,7 @@ def test_shard_pretrain_register_probe_over_s3(s3: S3, mlflow_server: str, ray_c
         "train": {"steps": 30, "batch_size": 64, "num_workers": 2, "log_every": 5, "checkpoint_every": 15,
                   "storage_path": f"s3://{s3.bucket}/runs", "torch_threads": 1},
         "eval": {"uri": test_uri, "every": 15},
-        "tracking": {"tracking_uri": mlflow_server, "experiment": "it-e2e"},
+        "tracking": {"tracking_uri": mlflow_server, "experiment": "it-e2e", "register_as": "it-e2e-encoder"},
     })
     result = pretrain(cfg)
     assert result.model_version == "1"
@@ -66,20 +66,20 @@ def test_shard_pretrain_register_probe_over_s3(s3: S3, mlflow_server: str, ray_c
     assert all(0.0 <= m.value <= 4.0 for m in losses)
     for key in ("lr", "tau", "samples_per_s", "embedding_std", "knn_top1", "bad_fraction"):
         assert key in run.data.metrics, key
-    mv = client.get_model_version_by_alias("raysl-byol-encoder", "candidate")
+    mv = client.get_model_version_by_alias("it-e2e-encoder", "candidate")
     assert mv.version == "1" and json.loads(mv.tags["image_size"]) == 32
     ckpts = s3.keys(f"runs/{result.run_name}/")
     assert any(k.endswith("state.pt") for k in ckpts) and any(k.endswith("encoder.safetensors") for k in ckpts)
     assert any(k.startswith("mlflow/") for k in s3.keys("mlflow/"))  # the server put artifacts on S3
 
     # 3. the downstream job loads the encoder from the registry by alias, through Ray Data batch inference
-    report = probe("models:/raysl-byol-encoder@candidate", train_uri, test_uri=test_uri,
+    report = probe("models:/it-e2e-encoder@candidate", train_uri, test_uri=test_uri,
                    tracking_uri=mlflow_server)
     s = report.scores
     assert report.n_test == len(test_idx)
     assert s["pretrained_linear_top1"] > s["random_init_linear_top1"] + 0.15, s
     assert s["pretrained_knn_top1"] > s["random_init_knn_top1"] + 0.05, s
-    tagged = client.get_model_version("raysl-byol-encoder", "1").tags
+    tagged = client.get_model_version("it-e2e-encoder", "1").tags
     assert float(tagged["probe.pretrained_linear_top1"]) == pytest.approx(s["pretrained_linear_top1"], abs=1e-4)
 
     # 4. rerunning the finished config trains nothing and returns the same registered version

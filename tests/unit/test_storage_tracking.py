@@ -26,15 +26,16 @@ def test_redact_strips_url_credentials() -> None:
     assert "s3cr3t" not in storage.redact("see postgresql://u:s3cr3t@db/mlflow and more")
 
 
-def test_pretrain_fails_before_any_worker_on_missing_data(tmp_path) -> None:
-    import ray
+def test_pretrain_fails_before_any_worker_on_missing_data(tmp_path, monkeypatch) -> None:
+    from raysl.train import launch
 
-    from raysl.train.launch import pretrain
+    def no_ray(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise AssertionError("Ray was started before the data URI was checked")
 
+    monkeypatch.setattr(launch, "init_ray", no_ray)
     cfg = parse_config({"data": {"uri": str(tmp_path / "nope")}, "train": {"storage_path": str(tmp_path)}})
     with pytest.raises(StorageError, match="nope"):
-        pretrain(cfg)
-    assert not ray.is_initialized()  # the check came first: no cluster was started
+        launch.pretrain(cfg)
 
 
 def test_metric_logger_survives_outage(caplog) -> None:
