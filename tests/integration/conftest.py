@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,18 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> N
         except OSError:
             time.sleep(0.3)
     raise RuntimeError(f"{url} did not answer within {timeout}s: {log.read_text()[-2000:]}")
+
+
+@contextmanager
+def _serve(cmd: list[str], ready_url: str, log: Path, env: dict[str, str], timeout: float) -> Iterator[None]:
+    """Run a server process until the block ends; ready once `ready_url` answers over HTTP."""
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        _wait_http(ready_url, proc, timeout, log)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 @dataclass
@@ -72,35 +85,23 @@ def s3(workspace: Path) -> Iterator[S3]:
         "AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-do-not-log",
         "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true",
     })
-    log = workspace / "moto.log"
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
-    try:
-        _wait_http(endpoint, proc, 30, log)
+    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    with _serve(cmd, endpoint, workspace / "moto.log", dict(os.environ), timeout=30):
         server = S3(endpoint, BUCKET)
         server.client().create_bucket(Bucket=BUCKET)
         yield server
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture(scope="session")
 def mlflow_server(s3: S3, workspace: Path) -> Iterator[str]:
     port = _free_port()
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_S3_ENDPOINT_URL=s3.endpoint)
-    log = workspace / "mlflow.log"
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", f"sqlite:///{workspace / 'mlflow.db'}",
            "--artifacts-destination", f"s3://{s3.bucket}/mlflow", "--workers", "1"]
-    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(f"{uri}/health", proc, 120, log)
+    with _serve(cmd, f"{uri}/health", workspace / "mlflow.log", env, timeout=120):
         yield uri
-    finally:
-        proc.terminate()
-        proc.wait(20)
 
 
 @pytest.fixture(scope="session")
