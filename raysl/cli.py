@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from raysl.config import ConfigError
+from raysl.config import MAX_IMAGE_PIXELS, ConfigError
 from raysl.storage import StorageError
 
 log = logging.getLogger("raysl")
@@ -61,7 +61,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     init_ray()
     _, spec, _ = load_encoder(args.model)
-    ds = read_images(args.data).map_batches(EvalView(spec["image_size"], 40_000_000), batch_size=256)
+    ds = read_images(args.data).map_batches(EvalView(spec["image_size"], MAX_IMAGE_PIXELS), batch_size=256)
     out = embed(ds, args.model, concurrency=args.concurrency).select_columns(["key", "embedding"])
     fs, path = storage.resolve(args.out)
     out.write_parquet(path, filesystem=fs)

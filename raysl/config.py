@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+MAX_IMAGE_PIXELS = 40_000_000  # decompression-bomb guard shared by training, probing, embedding and sharding
 _SECRET_KEY = re.compile(r"(secret|password|token|credential|access_key|session_key)", re.IGNORECASE)
 
 
@@ -29,7 +30,7 @@ class DataConfig(Strict):
     image_column: str = "image"
     label_column: str | None = None
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
-    max_image_pixels: int = Field(40_000_000, gt=0, description="decompression-bomb guard")
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, gt=0, description="decompression-bomb guard")
     shuffle_buffer: int = Field(2048, ge=0, description="rows in each worker's local shuffle buffer")
     limit: int | None = Field(None, gt=0, description="read at most this many samples")
 

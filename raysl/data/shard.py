@@ -16,6 +16,7 @@ import numpy as np
 import ray
 
 from raysl import storage
+from raysl.config import MAX_IMAGE_PIXELS
 from raysl.data.sources import read_images
 from raysl.data.views import BadImage, decode_image
 from raysl.storage import S3Settings, redact
@@ -85,7 +86,7 @@ class Validate:
         return wds
 
 
-def shard(src: str, dst: str, fmt: str, *, rows_per_shard: int = 1000, max_pixels: int = 40_000_000,
+def shard(src: str, dst: str, fmt: str, *, rows_per_shard: int = 1000, max_pixels: int = MAX_IMAGE_PIXELS,
           s3: S3Settings | None = None) -> dict[str, Any]:
     if fmt not in SHARD_FORMATS:
         raise ValueError(f"--format: {fmt!r} is not one of {SHARD_FORMATS}")

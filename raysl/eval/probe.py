@@ -12,6 +12,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from raysl import tracking
+from raysl.config import MAX_IMAGE_PIXELS
 from raysl.data.sources import read_images
 from raysl.data.views import EvalView
 from raysl.eval.embed import collect, embed
@@ -42,7 +43,7 @@ class ProbeReport:
 def _labeled(uri: str, image_size: int, label_column: str | None, s3: S3Settings, model_uri: str,
              tracking_uri: str | None, baseline: bool, pixels: bool) -> dict[str, np.ndarray]:
     ds = read_images(uri, s3=s3, with_labels=True, label_column=label_column)
-    ds = ds.map_batches(EvalView(image_size, 40_000_000), batch_size=256)
+    ds = ds.map_batches(EvalView(image_size, MAX_IMAGE_PIXELS), batch_size=256)
     cols = ["embedding", "label"] + (["embedding_random"] if baseline else []) + (["pixels"] if pixels else [])
     return collect(embed(ds, model_uri, tracking_uri=tracking_uri, with_random=baseline, with_pixels=pixels), cols)
 
