@@ -6,6 +6,7 @@
 # DIR (/tmp/raysl-local: mlflow.db, PID file mlflow.pid, log mlflow.log). Stop with stop.sh.
 # Only the export line goes to stdout; progress and errors go to stderr.
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 
 PYTHON=${PYTHON:-.venv/bin/python}
 PORT=${PORT:-5001}
@@ -41,17 +42,7 @@ else
     --host 127.0.0.1 --port "$PORT" --workers "$WORKERS" \
     >"$LOG" 2>&1 </dev/null &
   echo $! >"$PIDFILE"
-  for _ in $(seq 1 120); do
-    healthy && break
-    if ! kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
-      echo "error: MLflow server exited; last lines of $LOG:" >&2
-      tail -n 20 "$LOG" >&2
-      rm -f "$PIDFILE"
-      exit 1
-    fi
-    sleep 0.5
-  done
-  healthy || { echo "error: MLflow server not healthy on $URI within 60 s (log: $LOG)" >&2; exit 1; }
+  wait_ready "MLflow server on $URI" healthy 120 "$PIDFILE" "$LOG"
   echo "MLflow server pid $(cat "$PIDFILE") at $URI, store $DIR/mlflow.db, artifacts s3://$BUCKET/mlflow, log $LOG" >&2
 fi
 

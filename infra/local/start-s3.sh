@@ -6,6 +6,7 @@
 # moto keeps objects in memory: they are gone when the server stops.
 # Only the export lines go to stdout; progress and errors go to stderr.
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
 
 PYTHON=${PYTHON:-.venv/bin/python}
 PORT=${PORT:-5000}
@@ -31,17 +32,7 @@ else
   # setsid: its own process group, so stop.sh can end it and any children together.
   setsid "$PYTHON" -m moto.server -H 127.0.0.1 -p "$PORT" >"$LOG" 2>&1 </dev/null &
   echo $! >"$PIDFILE"
-  for _ in $(seq 1 60); do
-    answers && break
-    if ! kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
-      echo "error: S3 server exited; last lines of $LOG:" >&2
-      tail -n 20 "$LOG" >&2
-      rm -f "$PIDFILE"
-      exit 1
-    fi
-    sleep 0.5
-  done
-  answers || { echo "error: S3 server did not answer on $ENDPOINT within 30 s (log: $LOG)" >&2; exit 1; }
+  wait_ready "S3 server on $ENDPOINT" answers 60 "$PIDFILE" "$LOG"
   echo "S3 server (moto) pid $(cat "$PIDFILE") at $ENDPOINT, log $LOG" >&2
 fi
 
