@@ -29,6 +29,8 @@ class DataConfig(Strict):
     format: Literal["auto", "images", "webdataset", "parquet"] = "auto"
     image_column: str = "image"
     label_column: str | None = None
+    caption_column: str = Field("caption", description="image-text data: the Parquet column or the "
+                                                       "WebDataset JSON field holding the caption")
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, gt=0, description="decompression-bomb guard")
     shuffle_buffer: int = Field(2048, ge=0, description="rows in each worker's local shuffle buffer")
@@ -97,7 +99,24 @@ class IJEPAConfig(Strict):
     flip_p: float = 0.5
 
 
-MethodConfig = Annotated[Union[BYOLConfig, IJEPAConfig], Field(discriminator="name")]  # noqa: UP007
+class CLIPConfig(Strict):
+    name: Literal["clip"] = "clip"
+    embed_dim: int = Field(512, gt=0, description="shared image-text space")
+    context_length: int = Field(77, ge=4, description="caption length in BPE tokens, start/end included")
+    text_width: int = Field(512, ge=8)
+    text_heads: int = Field(8, ge=1)
+    text_layers: int = Field(12, ge=1)
+    loss: Literal["softmax", "sigmoid"] = Field("softmax", description="CLIP's InfoNCE or SigLIP's sigmoid")
+    init_temperature: float = Field(0.07, gt=0, description="logit scale starts at 1/this")
+    max_logit_scale: float = Field(100.0, gt=1, description="the logit scale is clamped here")
+    init_bias: float = Field(-10.0, description="sigmoid loss: initial logit bias (SigLIP)")
+    micro_batches: int = Field(1, ge=1, description="GradCache: split each worker's batch into this many "
+                                                   "chunks; the loss still sees the whole global batch")
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    flip_p: float = 0.0
+
+
+MethodConfig = Annotated[Union[BYOLConfig, IJEPAConfig, CLIPConfig], Field(discriminator="name")]  # noqa: UP007
 
 
 class OptimConfig(Strict):

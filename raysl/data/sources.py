@@ -2,6 +2,8 @@
 
 Image folders, WebDataset tar shards and Parquet (image bytes, or a HF-style {bytes, path} struct).
 Labels, when asked for, come from the class sub-folder, a WebDataset `cls` member or a Parquet column.
+Captions (image-text data) come from a WebDataset `txt` member or a field of its `json` member, or a
+Parquet column; a missing caption becomes '' and is counted as a bad sample downstream.
 Every reader lists its files first, so a URI that matches nothing fails before any worker starts.
 """
 
@@ -15,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray.data
 
+from raysl.data.text import caption_text, json_caption
 from raysl.storage import S3Settings, StorageError, list_files, redact, resolve
 
 log = logging.getLogger(__name__)
@@ -63,7 +66,19 @@ def _norm_folder(batch: dict[str, np.ndarray], with_labels: bool) -> dict[str, n
     return out
 
 
-def _norm_wds(batch: dict[str, np.ndarray], with_labels: bool) -> dict[str, np.ndarray]:
+def _wds_captions(batch: dict[str, np.ndarray], n: int, field: str) -> np.ndarray:
+    txt, js = batch.get("txt"), batch.get("json")
+    out = []
+    for i in range(n):
+        cap = caption_text(txt[i]) if txt is not None else ""
+        if not cap and js is not None:
+            cap = json_caption(js[i], field)
+        out.append(cap)
+    return np.array(out, dtype=object)
+
+
+def _norm_wds(batch: dict[str, np.ndarray], with_labels: bool, caption_field: str | None = None
+              ) -> dict[str, np.ndarray]:
     n = len(batch["__key__"])
     images: list[bytes] = [b""] * n
     for ext in WDS_IMAGE_KEYS:
@@ -78,11 +93,14 @@ def _norm_wds(batch: dict[str, np.ndarray], with_labels: bool) -> dict[str, np.n
         if "cls" not in batch:
             raise ValueError("WebDataset shards have no `cls` member to use as labels")
         out["label"] = np.array([bytes(v).decode().strip() if v is not None else "" for v in batch["cls"]])
+    if caption_field is not None:
+        out["caption"] = _wds_captions(batch, n, caption_field)
     return out
 
 
 def _norm_parquet(
-    batch: dict[str, np.ndarray], image_column: str, label_column: str | None, key_column: str | None
+    batch: dict[str, np.ndarray], image_column: str, label_column: str | None, key_column: str | None,
+    caption_column: str | None = None,
 ) -> dict[str, np.ndarray]:
     images = np.array([_image_bytes(v) for v in batch[image_column]], dtype=object)
     n = len(images)
@@ -90,6 +108,8 @@ def _norm_parquet(
     out = {"image": images, "key": np.array([str(k) for k in keys])}
     if label_column:
         out["label"] = np.array([str(v) for v in batch[label_column]])
+    if caption_column:
+        out["caption"] = np.array([caption_text(v) for v in batch[caption_column]], dtype=object)
     return out
 
 
@@ -104,8 +124,12 @@ def read_images(
     limit: int | None = None,
     shuffle_files: bool = False,
     rows_per_block: int | None = 64,
+    caption_column: str | None = None,
 ) -> ray.data.Dataset:
-    """Open an image corpus as a stream of {image: bytes, key: str[, label: str]} rows."""
+    """Open an image corpus as a stream of {image: bytes, key: str[, label: str][, caption: str]} rows.
+
+    `caption_column` set: image-text data (WebDataset `txt`/`json`, or that Parquet column).
+    """
     s3 = s3 or S3Settings.resolve()
     files = list_files(uri, s3)
     if fmt == "auto":
@@ -120,13 +144,17 @@ def read_images(
     log.info("reading %d %s file(s) from %s", len(files), fmt, redact(uri))
     ds: ray.data.Dataset
     if fmt == "images":
+        if caption_column:
+            raise ValueError("image-text data must be WebDataset or Parquet; build them from an image folder and "
+                             "a captions file with `raysl data shard SRC DST --captions captions.csv`")
         ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True, shuffle=shuffle)
         ds = ds.map_batches(_norm_folder,  # type: ignore[arg-type]
                              fn_kwargs={"with_labels": with_labels}, batch_format="numpy")
     elif fmt == "webdataset":
         ds = ray.data.read_webdataset(files, filesystem=fs, decoder=None, shuffle=shuffle)
         ds = ds.map_batches(_norm_wds,  # type: ignore[arg-type]
-                             fn_kwargs={"with_labels": with_labels}, batch_format="numpy")
+                             fn_kwargs={"with_labels": with_labels, "caption_field": caption_column},
+                             batch_format="numpy")
     else:
         cols = pq.read_schema(files[0], filesystem=fs).names
         if image_column not in cols:
@@ -139,11 +167,15 @@ def read_images(
         if lab is not None and lab not in cols:
             raise ValueError(f"label_column: {lab!r} is not a column of {redact(uri)}; columns: {cols}")
         key_col = "key" if "key" in cols else None
-        wanted = [c for c in (image_column, lab, key_col) if c]
+        if caption_column and caption_column not in cols:
+            raise ValueError(f"data.caption_column: {caption_column!r} is not a column of {redact(uri)}; "
+                             f"columns: {cols}")
+        wanted = list(dict.fromkeys(c for c in (image_column, lab, key_col, caption_column) if c))
         ds = ray.data.read_parquet(files, filesystem=fs, columns=wanted, shuffle=shuffle)
         ds = ds.map_batches(
             _norm_parquet,  # type: ignore[arg-type]
-            fn_kwargs={"image_column": image_column, "label_column": lab, "key_column": key_col},
+            fn_kwargs={"image_column": image_column, "label_column": lab, "key_column": key_col,
+                       "caption_column": caption_column},
             batch_format="numpy",
         )
     if limit is not None:
@@ -154,10 +186,14 @@ def read_images(
     return ds
 
 
-def source_columns(uri: str, fmt: str = "auto", s3: S3Settings | None = None) -> set[str]:
+def source_columns(uri: str, fmt: str = "auto", s3: S3Settings | None = None,
+                   caption_column: str = "caption") -> set[str]:
     """Columns a source offers after normalisation, checked against a method's required columns."""
     files = list_files(uri, s3)
     fmt = detect_format(files) if fmt == "auto" else fmt
     if fmt == "parquet":
-        return set(parquet_columns(uri, s3)) | {"image", "key"}
+        cols = set(parquet_columns(uri, s3))
+        return cols | {"image", "key"} | ({"caption"} if caption_column in cols else set())
+    if fmt == "webdataset":  # captions are per sample (`txt`/`json`); missing ones are counted, not fatal
+        return {"image", "key", "label", "caption"}
     return {"image", "key", "label"}

@@ -29,6 +29,8 @@ class Method(nn.Module, ABC):
     batch_columns: ClassVar[tuple[str, ...]]
     #: timm arguments the method's encoder needs unless the config says otherwise
     encoder_defaults: ClassVar[dict[str, Any]] = {}
+    #: also register the whole trained module (not just `encoder()`), e.g. CLIP's text tower for zero-shot
+    export_full: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -43,6 +45,14 @@ class Method(nn.Module, ABC):
     @abstractmethod
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Loss and metrics for one batch; runs inside DDP so DDP sees the whole computation."""
+
+    def forward_backward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One step's forward and backward. `model` is this method wrapped for data parallelism (DDP),
+        which averages the gradients; a method that computes its gradients another way (CLIP's feature
+        caching) overrides this and averages them itself."""
+        out: dict[str, torch.Tensor] = model(batch)
+        out["loss"].backward()
+        return out
 
     def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
         """Called after optimizer.step() (step = updates done so far); returns metrics to log."""

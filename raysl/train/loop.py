@@ -147,10 +147,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         bad_examples = (bad_examples + keys)[-5:]
         batch = method.collate(batch, step, rank)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with amp:
-            out = model(batch)
         opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        with amp:
+            out = method.forward_backward(model, batch)
         if _grads_finite(params):  # grads are all-reduced, so every rank decides the same
             opt.step()
             bad_in_row = 0
