@@ -41,10 +41,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from raysl.eval.probe import probe
+    from raysl.eval.probe import probe, zero_shot_probe
     from raysl.train.launch import init_ray
 
     init_ray()
+    if args.zero_shot:
+        zs = zero_shot_probe(args.model, args.test_data or args.data, label_column=args.label_column)
+        print(f"{args.model}: {zs.zero_shot_table()}")
+        return 0
     rep = probe(args.model, args.data, test_uri=args.test_data, label_column=args.label_column,
                 baseline=not args.no_baseline, raw_pixels=args.raw_pixels, k=args.k)
     print(f"{args.model}: {rep.n_train} train / {rep.n_test} test samples\n{rep.table()}")
@@ -74,7 +78,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
     from raysl.train.launch import init_ray
 
     init_ray()
-    manifest = shard(args.src, args.dst, args.format, rows_per_shard=args.rows_per_shard)
+    manifest = shard(args.src, args.dst, args.format, rows_per_shard=args.rows_per_shard, captions=args.captions)
     print(json.dumps({k: v for k, v in manifest.items() if k != "shards"} | {"shards": len(manifest["shards"])},
                      indent=2))
     return 0
@@ -114,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=20)
     s.add_argument("--no-baseline", action="store_true", help="skip the random-init encoder baseline")
     s.add_argument("--raw-pixels", action="store_true", help="also report kNN on raw pixels")
+    s.add_argument("--zero-shot", action="store_true",
+                   help="image-text models (raysl-clip): zero-shot top-1 from class-name prompts, and "
+                        "image<->text recall@1/5/10 where the data has captions")
     s.set_defaults(fn=cmd_probe)
 
     s = sub.add_parser("embed", help="export embeddings of a registered encoder to Parquet")
@@ -129,12 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dst")
     s.add_argument("--format", required=True, choices=["webdataset", "parquet"])
     s.add_argument("--rows-per-shard", type=int, default=1000)
+    s.add_argument("--captions", help="CSV (file,caption) or JSONL captions file: build image-text shards")
     s.set_defaults(fn=cmd_shard)
 
-    s = sub.add_parser("demo", help="digits → BYOL → MLflow registry → probe, on this machine")
+    s = sub.add_parser("demo", help="digits → BYOL|I-JEPA, or scenes → CLIP; → MLflow → probe")
     s.add_argument("--workdir", default="demo-output")
     s.add_argument("--steps", type=int, default=100)
-    s.add_argument("--method", default="byol", choices=["byol", "ijepa"])
+    s.add_argument("--method", default="byol", choices=["byol", "ijepa", "clip"])
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("bench", help="side-by-side throughput benchmarks (ratios)")

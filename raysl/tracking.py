@@ -173,6 +173,29 @@ def save_encoder_dir(folder: Path, encoder: nn.Module, spec: dict[str, Any]) -> 
     (folder / "encoder.json").write_text(json.dumps(spec, indent=2))
 
 
+FULL_WEIGHTS, FULL_CONFIG = "model.safetensors", "model.json"
+
+
+def save_full_dir(folder: Path, model: nn.Module, config: dict[str, Any]) -> None:
+    """The whole trained method (e.g. CLIP's two towers), beside the encoder: weights + rebuilding config."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / FULL_WEIGHTS))
+    (folder / FULL_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def load_full_dir(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a method exported by `save_full_dir` → (module in eval mode, its config tree)."""
+    from raysl.config import PretrainConfig
+    from raysl.methods import get_method
+
+    tree = json.loads((folder / FULL_CONFIG).read_text())
+    cfg = PretrainConfig.model_validate(tree)
+    model = get_method(cfg.method.name).build(cfg)
+    model.load_state_dict(load_file(str(folder / FULL_WEIGHTS)))
+    model.eval()
+    return model, tree
+
+
 def load_encoder_dir(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     from raysl.models.backbones import create_backbone
 
@@ -185,8 +208,11 @@ def load_encoder_dir(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def register_encoder(uri: str, run_id: str, encoder: nn.Module, spec: dict[str, Any], name: str,
-                     alias: str) -> str:
-    """Log the encoder to the run, register it as `name` and point `alias` at it; returns the version."""
+                     alias: str, full_dir: Path | None = None) -> str:
+    """Log the encoder to the run, register it as `name` and point `alias` at it; returns the version.
+
+    `full_dir` holding an exported whole method (`save_full_dir`) adds it to the same model version.
+    """
     import mlflow
     import mlflow.pyfunc
 
@@ -194,12 +220,15 @@ def register_encoder(uri: str, run_id: str, encoder: nn.Module, spec: dict[str, 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "encoder"
         save_encoder_dir(folder, encoder, spec)
+        artifacts = {"weights": str(folder / "encoder.safetensors"), "spec": str(folder / "encoder.json")}
+        if full_dir is not None and (full_dir / FULL_WEIGHTS).exists():
+            artifacts.update(full_weights=str(full_dir / FULL_WEIGHTS), full_config=str(full_dir / FULL_CONFIG))
         example = np.zeros((2, 3, spec["image_size"], spec["image_size"]), dtype=np.uint8)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="encoder",
                 python_model=_pyfunc_class()(),
-                artifacts={"weights": str(folder / "encoder.safetensors"), "spec": str(folder / "encoder.json")},
+                artifacts=artifacts,
                 registered_model_name=name,
                 input_example=example,
                 pip_requirements=["raysl", "torch", "timm", "safetensors"],
@@ -212,6 +241,21 @@ def register_encoder(uri: str, run_id: str, encoder: nn.Module, spec: dict[str, 
         client.set_model_version_tag(name, version, k, json.dumps(v) if not isinstance(v, str) else v)
     log.info("registered %s version %s as @%s", name, version, alias)
     return version
+
+
+def load_full_model(model_uri: str, uri: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Load the whole method registered with an encoder (CLIP: both towers) → (module, config tree)."""
+    import mlflow
+    import mlflow.artifacts
+
+    mlflow.set_tracking_uri(tracking_uri(uri))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        found = next(local.rglob(FULL_CONFIG), None)
+        if found is None:
+            raise ValueError(f"{model_uri} holds only an encoder, not a whole model (no {FULL_CONFIG}); "
+                             "zero-shot needs a method that registers both towers, such as clip")
+        return load_full_dir(found.parent)
 
 
 def load_encoder(model_uri: str, uri: str | None = None) -> tuple[nn.Module, dict[str, Any], str | None]:

@@ -2,11 +2,16 @@
 
 Every file is test-decoded on Ray Data workers; bad ones are skipped and tallied by a small ledger actor,
 and a manifest.json (count, bytes, bad files with examples, shard names) is written beside the shards.
-Class sub-folders, when there are several, become labels (`cls` member / `label` column).
+Class sub-folders, when there are several, become labels (`cls` member / `label` column). With a
+captions file (CSV with `file,caption` columns, or JSONL of {"file": …, "caption": …}; `file` relative to
+SRC or a bare file name) the shards are image-text data: a `txt` member / `caption` column. An image
+without a caption, or with an empty one, is skipped and counted like an undecodable one.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
@@ -46,9 +51,29 @@ class Ledger:
         return {"count": self.count, "bytes": self.bytes, "bad": self.bad, "bad_examples": self.examples}
 
 
+def read_captions(uri: str, s3: S3Settings | None = None) -> dict[str, str]:
+    """CSV (`file`, `caption` columns) or JSONL captions file → {file: caption}."""
+    text = storage.read_bytes(uri, s3).decode("utf-8")
+    if uri.endswith((".jsonl", ".json")):
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        rows = list(csv.DictReader(io.StringIO(text)))
+    if rows and not {"file", "caption"} <= set(rows[0]):
+        raise ValueError(f"--captions {redact(uri)}: needs `file` and `caption` fields, got {sorted(rows[0])}")
+    return {str(r["file"]).strip(): str(r.get("caption") or "") for r in rows}
+
+
 class Validate:
-    def __init__(self, root: str, fmt: str, ledger: Any, labels: bool, max_pixels: int) -> None:
+    def __init__(self, root: str, fmt: str, ledger: Any, labels: bool, max_pixels: int,
+                 captions: Any = None) -> None:
         self.root, self.fmt, self.ledger, self.labels, self.max_pixels = root, fmt, ledger, labels, max_pixels
+        self._captions_ref, self._captions = captions, None  # an object ref: fetched once per process
+
+    def _caption(self, rel: str) -> str:
+        if self._captions is None:
+            self._captions = ray.get(self._captions_ref)
+        caps: dict[str, str] = self._captions  # type: ignore[assignment]
+        return " ".join(str(caps.get(rel, caps.get(os.path.basename(rel), ""))).split())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows: list[dict[str, Any]] = []
@@ -64,8 +89,12 @@ class Validate:
                 bad.append(f"{key}: {exc}")
                 continue
             rel = os.path.relpath(str(key), self.root) if not self.root.startswith("s3") else str(key)
+            caption = self._caption(rel) if self._captions_ref is not None else ""
+            if self._captions_ref is not None and not caption:
+                bad.append(f"{key}: no caption")
+                continue
             rows.append({"key": os.path.splitext(rel)[0].replace("/", "_").replace(".", "_"),
-                         "data": data, "format": img_format, "label": str(label)})
+                         "data": data, "format": img_format, "label": str(label), "caption": caption})
         # Waited on, so the tally is complete once the write returns.
         ray.get(self.ledger.add.remote(len(rows), sum(len(r["data"]) for r in rows), bad))
         return self._columns(rows)
@@ -76,6 +105,8 @@ class Validate:
                    "key": np.array([r["key"] for r in rows], dtype=object)}
             if self.labels:
                 out["label"] = np.array([r["label"] for r in rows], dtype=object)
+            if self._captions_ref is not None:
+                out["caption"] = np.array([r["caption"] for r in rows], dtype=object)
             return out
         # WebDataset: one column per image extension, None where a sample has another one
         wds = {"__key__": np.array([r["key"] for r in rows], dtype=object)}
@@ -83,20 +114,24 @@ class Validate:
             wds[ext] = np.array([r["data"] if r["format"] == ext else None for r in rows], dtype=object)
         if self.labels:
             wds["cls"] = np.array([r["label"] for r in rows], dtype=object)
+        if self._captions_ref is not None:
+            wds["txt"] = np.array([r["caption"].encode() for r in rows], dtype=object)
         return wds
 
 
 def shard(src: str, dst: str, fmt: str, *, rows_per_shard: int = 1000, max_pixels: int = MAX_IMAGE_PIXELS,
-          s3: S3Settings | None = None) -> dict[str, Any]:
+          s3: S3Settings | None = None, captions: str | None = None) -> dict[str, Any]:
     if fmt not in SHARD_FORMATS:
         raise ValueError(f"--format: {fmt!r} is not one of {SHARD_FORMATS}")
     s3 = s3 or S3Settings.resolve()
-    files = storage.list_files(src, s3)
+    files = [f for f in storage.list_files(src, s3) if not (captions and f.endswith(os.path.basename(captions)))]
     labels = len({os.path.dirname(f) for f in files}) > 1
     _, src_path = storage.resolve(src, s3)
     ledger = Ledger.remote()  # type: ignore[attr-defined]
     ds = read_images(src, fmt="images", s3=s3, with_labels=True)
-    ds = ds.map_batches(Validate(src_path, fmt, ledger, labels, max_pixels), batch_size=256, batch_format="numpy")
+    caps = ray.put(read_captions(captions, s3)) if captions else None
+    ds = ds.map_batches(Validate(src_path, fmt, ledger, labels, max_pixels, caps), batch_size=256,
+                        batch_format="numpy")
     fs, dst_path = storage.resolve(dst, s3)
     if not storage.is_s3(dst):
         os.makedirs(dst_path, exist_ok=True)
@@ -106,7 +141,7 @@ def shard(src: str, dst: str, fmt: str, *, rows_per_shard: int = 1000, max_pixel
         ds.write_webdataset(dst_path, filesystem=fs, min_rows_per_file=rows_per_shard, encoder=None)
     manifest = dict(ray.get(ledger.summary.remote()))
     shards = sorted(os.path.basename(f) for f in storage.list_files(dst, s3) if not f.endswith("manifest.json"))
-    manifest.update(format=fmt, source=redact(src), labels=labels, shards=shards)
+    manifest.update(format=fmt, source=redact(src), labels=labels, captions=bool(captions), shards=shards)
     storage.write_bytes(f"{dst.rstrip('/')}/manifest.json", json.dumps(manifest, indent=2).encode(), s3)
     log.info("sharded %d images (%d bad) from %s into %d %s shard(s) at %s", manifest["count"],
              manifest["bad"], redact(src), len(shards), fmt, redact(dst))

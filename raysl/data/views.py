@@ -94,8 +94,9 @@ class _Transform:
                     out[name][i] = _to_chw_uint8(pipe(im))
         out["valid"] = valid
         out["key"] = np.asarray(batch["key"])
-        if "label" in batch:
-            out["label"] = np.asarray(batch["label"])
+        for passthrough in ("label", "caption"):
+            if passthrough in batch:
+                out[passthrough] = np.asarray(batch[passthrough])
         return out
 
 

@@ -30,6 +30,15 @@ class ProbeReport:
     n_test: int
     scores: dict[str, float] = field(default_factory=dict)
 
+    def zero_shot_table(self) -> str:
+        s = self.scores
+        rows = [f"zero-shot top-1 {s['zero_shot_top1']:.1%} (chance {s['zero_shot_chance']:.1%}, "
+                f"{self.n_test} images)"]
+        for way in ("i2t", "t2i"):
+            if f"{way}_recall@1" in s:
+                rows.append(f"{way} recall@1/5/10  " + "  ".join(f"{s[f'{way}_recall@{k}']:.1%}" for k in (1, 5, 10)))
+        return "\n".join(rows)
+
     def table(self) -> str:
         rows = [f"{'features':<16}{'kNN top-1':>12}{'linear top-1':>14}"]
         for name in ("pretrained", "random_init", "raw_pixels"):
@@ -75,6 +84,26 @@ def probe(model_uri: str, data_uri: str, *, test_uri: str | None = None, label_c
         if name != "raw_pixels":
             report.scores[f"{name}_linear_top1"] = linear_probe_top1(xtr, ytr, xte, yte)
     log.debug("probe of %s on %d/%d samples:\n%s", model_uri, report.n_train, report.n_test, report.table())
+    if log_to_mlflow:
+        _log(uri, model_uri, model_id, spec, report)
+    return report
+
+
+def zero_shot_probe(model_uri: str, data_uri: str, *, label_column: str | None = None,
+                    tracking_uri: str | None = None, max_samples: int | None = None,
+                    log_to_mlflow: bool = True) -> ProbeReport:
+    """Zero-shot top-1 from class-name prompts, and image↔text recall@1/5/10 where the data has captions."""
+    from raysl.config import PretrainConfig
+    from raysl.eval.zeroshot import evaluate
+    from raysl.train.launch import load_labeled
+
+    uri = tracking.tracking_uri(tracking_uri)
+    model, tree = tracking.load_full_model(model_uri, uri)
+    _, spec, model_id = tracking.load_encoder(model_uri, uri)
+    cfg = PretrainConfig.model_validate(tree)
+    data = load_labeled(data_uri, cfg, S3Settings.resolve(), label_column, max_samples)
+    context_length = int(getattr(cfg.method, "context_length", 77))
+    report = ProbeReport(model_uri, 0, len(data["label"]), evaluate(model, data, context_length))  # type: ignore[arg-type]
     if log_to_mlflow:
         _log(uri, model_uri, model_id, spec, report)
     return report

@@ -62,6 +62,16 @@ class Method(nn.Module, ABC):
     def encoder(self) -> nn.Module:
         """The network that is registered in MLflow and used downstream."""
 
+    def online_metrics(self, data: dict[str, Any]) -> dict[str, float]:
+        """Method-specific held-out metrics (beyond the shared kNN) on the online-eval split: uint8
+        `image`, int `label`, `classes`, and `caption` where the split has captions."""
+        return {}
+
+    @classmethod
+    def default_model_name(cls) -> str:
+        """The registered model's name unless tracking.register_as says otherwise."""
+        return f"raysl-{cls.name}-encoder"
+
     def collate(self, batch: dict[str, torch.Tensor], step: int, rank: int) -> dict[str, torch.Tensor]:
         """Worker-side additions to a batch (I-JEPA masks); identity by default."""
         return batch
@@ -112,3 +122,10 @@ def describe_encoder(cfg: PretrainConfig) -> dict[str, Any]:
         "mean": list(cfg.model.mean),
         "std": list(cfg.model.std),
     }
+
+
+def export_config(cfg: PretrainConfig) -> dict[str, Any]:
+    """The config that rebuilds the whole method downstream; where the data lived is not part of it."""
+    tree = cfg.model_dump(mode="json", include={"method", "model", "data"})
+    tree["data"] = {"uri": "exported"}
+    return tree

@@ -11,6 +11,7 @@ al., 2021, https://arxiv.org/abs/2101.06983), so the global batch does not depen
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -44,6 +45,10 @@ class CLIP(Method):
         # Stored as a log so the optimizer moves it multiplicatively, as in the paper.
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / m.init_temperature)))
         self.bias = nn.Parameter(torch.tensor(m.init_bias)) if m.loss == "sigmoid" else None
+
+    @classmethod
+    def default_model_name(cls) -> str:
+        return "raysl-clip"  # both towers, not an encoder alone
 
     @classmethod
     def build(cls, cfg: PretrainConfig) -> CLIP:
@@ -116,6 +121,11 @@ class CLIP(Method):
         with torch.no_grad():  # the paper clips the scale at 100 so training stays stable
             self.log_scale.clamp_(max=self.max_log_scale)
         return {}
+
+    def online_metrics(self, data: dict[str, Any]) -> dict[str, float]:
+        from raysl.eval.zeroshot import evaluate
+
+        return evaluate(self, data, self.text.context_length)
 
     def encoder(self) -> nn.Module:
         """The image tower, what image-only downstream jobs (probe, fine-tune, detection) take."""

@@ -9,14 +9,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from raysl.tracking import save_encoder_dir
+from raysl.tracking import save_encoder_dir, save_full_dir
 
 STATE_FILE = "state.pt"
 
 
 def save_checkpoint(folder: Path, *, method: nn.Module, encoder: nn.Module, spec: dict[str, Any],
                     optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
-                    counters: dict[str, int]) -> None:
+                    counters: dict[str, int], full_config: dict[str, Any] | None = None) -> None:
+    """`full_config` set: also export the whole method (weights + the config that rebuilds it)."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {
         "step": step,
@@ -27,6 +28,8 @@ def save_checkpoint(folder: Path, *, method: nn.Module, encoder: nn.Module, spec
     }
     torch.save(state, folder / STATE_FILE)
     save_encoder_dir(folder, encoder, spec)
+    if full_config is not None:
+        save_full_dir(folder, method, full_config)
 
 
 def load_checkpoint(folder: Path) -> dict[str, Any]:

@@ -72,19 +72,24 @@ def run_name(cfg: PretrainConfig) -> str:
 def load_labeled(uri: str, cfg: PretrainConfig, s3: S3Settings, label_column: str | None,
                  max_samples: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """Read a small labeled split into memory: uint8 images (N,3,H,W), int labels, class names."""
-    ds = read_images(uri, s3=s3, with_labels=True, label_column=label_column)
+    caption = cfg.data.caption_column if "caption" in source_columns(uri, s3=s3,
+                                                                      caption_column=cfg.data.caption_column) else None
+    ds = read_images(uri, s3=s3, with_labels=True, label_column=label_column, caption_column=caption)
     ds = ds.map_batches(EvalView(cfg.model.image_size, cfg.data.max_image_pixels), batch_size=256)
     parts = list(ds.iter_batches(batch_size=1024, batch_format="numpy"))
     if not parts:
         raise ValueError(f"labeled data {redact(uri)!r} yielded no samples")
-    cat = {k: np.concatenate([p[k] for p in parts]) for k in ("image", "label", "valid")}
+    cols = ("image", "label", "valid") + (("caption",) if caption else ())
+    cat = {k: np.concatenate([p[k] for p in parts]) for k in cols}
     ok = cat["valid"].astype(bool)
-    images, names = cat["image"][ok], cat["label"][ok]
-    classes, labels = np.unique(names, return_inverse=True)
+    classes, labels = np.unique(cat["label"][ok], return_inverse=True)
+    out = {"image": cat["image"][ok], "label": labels.astype(np.int64)}
+    if caption:
+        out["caption"] = cat["caption"][ok]
     if max_samples is not None and len(labels) > max_samples:
         pick = np.sort(np.random.default_rng(seed).choice(len(labels), max_samples, replace=False))
-        images, labels = images[pick], labels[pick]
-    return {"image": images, "label": labels.astype(np.int64), "classes": classes}
+        out = {k: v[pick] for k, v in out.items()}
+    return {**out, "classes": classes}
 
 
 def _storage(cfg: PretrainConfig, s3: S3Settings) -> tuple[str, Any]:
@@ -105,7 +110,7 @@ def _read_state(uri: str, s3: S3Settings) -> dict[str, Any]:
 def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
     method_cls = get_method(cfg.method.name)
     s3 = S3Settings.resolve(cfg.s3.endpoint_url, cfg.s3.region)
-    missing = method_cls.required_columns - source_columns(cfg.data.uri, cfg.data.format, s3)
+    missing = method_cls.required_columns - source_columns(cfg.data.uri, cfg.data.format, s3, cfg.data.caption_column)
     if missing:
         raise ValueError(f"data {redact(cfg.data.uri)!r} lacks column(s) {sorted(missing)} "
                          f"that method {cfg.method.name!r} needs")
@@ -115,7 +120,7 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
     if resume and not state:
         raise ValueError(f"--resume: no earlier run {name!r} under {redact(cfg.train.storage_path)}")
     uri = tracking.tracking_uri(cfg.tracking.tracking_uri)
-    model_name = cfg.tracking.register_as or f"raysl-{cfg.method.name}-encoder"
+    model_name = cfg.tracking.register_as or method_cls.default_model_name()
     if state.get("complete"):
         log.info("run %s already finished (model %s v%s); nothing to train", name, model_name,
                  state.get("model_version"))
@@ -136,13 +141,14 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
     log.info("MLflow run %s (%s), checkpoints under %s/%s", run_id, uri, redact(cfg.train.storage_path), name)
 
     init_ray()
+    captions = cfg.data.caption_column if "caption" in method_cls.required_columns else None
     ds = read_images(cfg.data.uri, fmt=cfg.data.format, s3=s3, image_column=cfg.data.image_column,
-                     limit=cfg.data.limit, shuffle_files=True)
+                     limit=cfg.data.limit, shuffle_files=True, caption_column=captions)
     ds = ds.map_batches(method_cls.view_transform(cfg), batch_size=64, batch_format="numpy")
     eval_ref = None
     if cfg.eval.uri:
         labeled = load_labeled(cfg.eval.uri, cfg, s3, cfg.eval.label_column, cfg.eval.max_samples)
-        eval_ref = ray.put({"image": labeled["image"], "label": labeled["label"]})
+        eval_ref = ray.put(labeled)
     path, fs = _storage(cfg, s3)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -165,19 +171,20 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
         raise
     if result.checkpoint is None:
         raise RuntimeError(f"run {name} produced no checkpoint")
+    version = "unregistered"
     with result.checkpoint.as_directory() as d:
         encoder, spec = tracking.load_encoder_dir(Path(d))
-    spec.update(describe_encoder(cfg), source_run=run_id)
-    version = "unregistered"
-    if run_id:
-        try:
-            tracking.set_tags(uri, run_id, {"raysl.checkpoint": redact(result.checkpoint.path),
-                                            "raysl.checkpoint_dir": f"{redact(cfg.train.storage_path)}/{name}"})
-            version = tracking.register_encoder(uri, run_id, encoder, spec, model_name, cfg.tracking.alias)
-            tracking.end_run(uri, run_id)
-        except Exception as exc:  # noqa: BLE001 - the checkpoint holds the encoder; say where, do not crash
-            log.warning("could not register the encoder in MLflow (%s); it is in checkpoint %s", exc,
-                        redact(result.checkpoint.path))
+        spec.update(describe_encoder(cfg), source_run=run_id)
+        if run_id:
+            try:
+                tracking.set_tags(uri, run_id, {"raysl.checkpoint": redact(result.checkpoint.path),
+                                                "raysl.checkpoint_dir": f"{redact(cfg.train.storage_path)}/{name}"})
+                version = tracking.register_encoder(uri, run_id, encoder, spec, model_name, cfg.tracking.alias,
+                                                    full_dir=Path(d))
+                tracking.end_run(uri, run_id)
+            except Exception as exc:  # noqa: BLE001 - the checkpoint holds the encoder; say where, do not crash
+                log.warning("could not register the encoder in MLflow (%s); it is in checkpoint %s", exc,
+                            redact(result.checkpoint.path))
     ckpt_uri = redact(result.checkpoint.path)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
     storage.write_bytes(state_uri, json.dumps({

@@ -27,7 +27,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from raysl.config import PretrainConfig
 from raysl.methods import get_method
-from raysl.methods.base import Method, describe_encoder
+from raysl.methods.base import Method, describe_encoder, export_config
 from raysl.tracking import MetricLogger
 from raysl.train.checkpoint import load_checkpoint, restore_state, save_checkpoint
 from raysl.train.online_eval import OnlineKNN
@@ -129,6 +129,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         tracker.log({"resumed_from_step": start}, start)  # a restart shows in MLflow, not only in logs
     knn = OnlineKNN.from_ref(loop_cfg.get("eval_ref"), cfg) if rank == 0 else None
     spec = describe_encoder(cfg)
+    full_config = export_config(cfg) if method.export_full else None
     params: list[nn.Parameter] = [p for p in method.parameters() if p.requires_grad]
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if (tc.amp and device.type == "cuda") else nullcontext()
     batches = _batches(ray.train.get_dataset_shard("train"), max(2, tc.batch_size // world),
@@ -183,6 +184,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                                    f"examples: {bad_examples or 'on other workers'}")
         if knn is not None and (step % cfg.eval.every == 0 or step == tc.steps):
             metrics["knn_top1"] = knn.evaluate(method.encoder(), device)
+            metrics.update(method.online_metrics(knn.data))
         if tracker is not None:
             tracker.log(metrics, step)
             log.info("step %d/%d %s", step, tc.steps,
@@ -194,7 +196,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 global_counts = {"seen": int(seen), "bad_images": int(bad),
                                  "skipped_steps": counters["skipped_steps"]}
                 save_checkpoint(Path(tmp), method=method, encoder=method.encoder(), spec=spec, optimizer=opt,
-                                scheduler=sched, step=step, counters=global_counts)
+                                scheduler=sched, step=step, counters=global_counts,
+                                full_config=full_config)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
         t0 = time.perf_counter()

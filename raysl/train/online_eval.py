@@ -33,16 +33,16 @@ def extract(encoder: nn.Module, images: np.ndarray, mean: Any, std: Any, device:
 
 
 class OnlineKNN:
-    def __init__(self, images: np.ndarray, labels: np.ndarray, cfg: PretrainConfig) -> None:
-        self.images, self.labels = np.array(images), torch.tensor(np.array(labels), dtype=torch.long)
+    def __init__(self, data: dict[str, Any], cfg: PretrainConfig) -> None:
+        self.data = data  # image, label, classes[, caption]: what a method's own online metrics may use
+        self.images, self.labels = np.array(data["image"]), torch.tensor(np.array(data["label"]), dtype=torch.long)
         self.mean, self.std, self.k = cfg.model.mean, cfg.model.std, cfg.eval.k
 
     @classmethod
     def from_ref(cls, ref: Any, cfg: PretrainConfig) -> OnlineKNN | None:
         if ref is None:
             return None
-        data = ray.get(ref)
-        return cls(data["image"], data["label"], cfg)
+        return cls(dict(ray.get(ref)), cfg)
 
     def evaluate(self, encoder: nn.Module, device: torch.device) -> float:
         f = extract(encoder, self.images, self.mean, self.std, device)
