@@ -124,7 +124,7 @@ def shard(src: str, dst: str, fmt: str, *, rows_per_shard: int = 1000, max_pixel
     if fmt not in SHARD_FORMATS:
         raise ValueError(f"--format: {fmt!r} is not one of {SHARD_FORMATS}")
     s3 = s3 or S3Settings.resolve()
-    files = [f for f in storage.list_files(src, s3) if not (captions and f.endswith(os.path.basename(captions)))]
+    files = [f for f in storage.list_files(src, s3) if not f.endswith((".csv", ".jsonl", "manifest.json"))]
     labels = len({os.path.dirname(f) for f in files}) > 1
     _, src_path = storage.resolve(src, s3)
     ledger = Ledger.remote()  # type: ignore[attr-defined]

@@ -42,7 +42,8 @@ def detect_format(files: list[str]) -> str:
 def _select(files: list[str], fmt: str) -> list[str]:
     suffix = {"parquet": (".parquet",), "webdataset": (".tar",)}.get(fmt)
     if suffix is None:  # an image folder: everything, so non-images are counted as bad, not hidden
-        return [f for f in files if not f.endswith(("manifest.json", ".parquet", ".tar"))]
+        # ... except the manifest and captions files that sit beside the images by design
+        return [f for f in files if not f.endswith(("manifest.json", ".parquet", ".tar", ".csv", ".jsonl"))]
     return [f for f in files if f.lower().endswith(suffix)]
 
 
