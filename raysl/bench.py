@@ -329,9 +329,13 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(what: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Run one benchmark (`ingest` or `step`) and return a JSON-serializable report."""
+    """Run one benchmark (`ingest`, `step` or `clip-loss`) and return a JSON-serializable report."""
+    if what == "clip-loss":
+        from raysl.bench_clip import bench_clip_loss
+
+        return bench_clip_loss(args)
     if what == "ingest":
         return bench_ingest(args)
     if what == "step":
         return bench_step(args)
-    raise ValueError(f"bench: {what!r} is not one of ('ingest', 'step')")
+    raise ValueError(f"bench: {what!r} is not one of ('ingest', 'step', 'clip-loss')")

@@ -110,6 +110,8 @@ class CLIPConfig(Strict):
     init_temperature: float = Field(0.07, gt=0, description="logit scale starts at 1/this")
     max_logit_scale: float = Field(100.0, gt=1, description="the logit scale is clamped here")
     init_bias: float = Field(-10.0, description="sigmoid loss: initial logit bias (SigLIP)")
+    loss_chunk: int | None = Field(1024, ge=1, description="score this many rows at a time, recomputing them "
+                                   "in backward: loss memory grows linearly with the global batch")
     micro_batches: int = Field(1, ge=1, description="GradCache: split each worker's batch into this many "
                                                    "chunks; the loss still sees the whole global batch")
     crop_scale: tuple[float, float] = (0.9, 1.0)

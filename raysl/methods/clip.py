@@ -36,7 +36,7 @@ class CLIP(Method):
         super().__init__()
         m, mc = method_config(cfg, CLIPConfig), cfg.model
         self.mean, self.std = mc.mean, mc.std
-        self.loss_kind, self.micro_batches = m.loss, m.micro_batches
+        self.loss_kind, self.micro_batches, self.loss_chunk = m.loss, m.micro_batches, m.loss_chunk
         self.max_log_scale = math.log(m.max_logit_scale)
         self.visual = create_backbone(mc.backbone, cifar_stem=mc.cifar_stem, image_size=mc.image_size,
                                       patch_size=mc.patch_size, **backbone_kwargs(cfg))
@@ -74,8 +74,8 @@ class CLIP(Method):
 
     def loss_from_features(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         if self.bias is not None:
-            return siglip_loss(img, txt, self.logit_scale(), self.bias)
-        return clip_loss(img, txt, self.logit_scale())
+            return siglip_loss(img, txt, self.logit_scale(), self.bias, chunk=self.loss_chunk)
+        return clip_loss(img, txt, self.logit_scale(), chunk=self.loss_chunk)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         img, txt = self.embed_images(batch["image"]), self.embed_texts(batch["text"])

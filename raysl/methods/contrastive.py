@@ -2,7 +2,9 @@
 and SigLIP's sigmoid (https://arxiv.org/abs/2303.15343).
 
 Each worker holds B pairs. Features are all-gathered *with* gradients, and each worker scores only its
-own B rows against all N·B columns, so memory is B×N·B per worker, never (N·B)². The mean over workers
+own B rows against all N·B columns, so memory is B×N·B per worker, never (N·B)². With `chunk` set, the
+rows are scored `chunk` at a time and each block of logits is recomputed in the backward pass instead of
+stored, so the loss holds chunk×N·B logits at once: linear in the global batch. The mean over workers
 of the per-worker losses equals the single-process loss on the whole batch, and — because the gather's
 backward sums every worker's contribution to each local feature — so do the gradients once the
 optimizer's gradients are averaged over workers (DDP, or `all_reduce_grads`).
@@ -10,10 +12,13 @@ optimizer's gradients are averaged over workers (DDP, or `all_reduce_grads`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def _world() -> tuple[int, int]:
@@ -35,19 +40,46 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
-def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def _row_sum(fn: Callable[..., torch.Tensor], rows: tuple[torch.Tensor, ...], rest: tuple[torch.Tensor, ...],
+             chunk: int | None) -> torch.Tensor:
+    """Σ over row blocks of fn(*row_block, *rest); blocks are recomputed in backward, not stored."""
+    n = rows[0].shape[0]
+    if chunk is None or chunk >= n:
+        return fn(*rows, *rest)
+    total = rows[0].new_zeros((), dtype=torch.float32 if rows[0].dtype in (torch.float16, torch.bfloat16)
+                              else rows[0].dtype)
+    for start in range(0, n, chunk):
+        block = tuple(r[start : start + chunk] for r in rows)
+        total = total + checkpoint(fn, *block, *rest, use_reentrant=False)
+    return total
+
+
+def _ce_sum(q: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(_wide(scale * q @ keys.T), labels, reduction="sum")  # q (c, D) vs keys (N·B, D)
+
+
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+              chunk: int | None = None) -> torch.Tensor:
     """Symmetric InfoNCE. img, txt: (B, D) L2-normalized local features; logit_scale: scalar (not log)."""
     rank, _ = _world()
     all_img, all_txt = gather_with_grad(img), gather_with_grad(txt)  # (N·B, D)
     b = img.shape[0]
     labels = torch.arange(b, device=img.device) + rank * b  # this worker's pairs sit at rank·B … rank·B+B−1
-    logits_img = logit_scale * img @ all_txt.T  # (B, N·B): my images vs every caption
-    logits_txt = logit_scale * txt @ all_img.T  # (B, N·B): my captions vs every image
-    return (F.cross_entropy(_wide(logits_img), labels) + F.cross_entropy(_wide(logits_txt), labels)) / 2
+    i2t = _row_sum(_ce_sum, (img, labels), (all_txt, logit_scale), chunk)  # my images vs every caption
+    t2i = _row_sum(_ce_sum, (txt, labels), (all_img, logit_scale), chunk)  # my captions vs every image
+    return (i2t + t2i) / (2 * b)
+
+
+def _sig_sum(q: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
+             bias: torch.Tensor) -> torch.Tensor:
+    logits = _wide(scale * q @ keys.T + bias)  # (c, N·B)
+    signs = -torch.ones_like(logits)
+    signs[torch.arange(len(q), device=q.device), labels] = 1.0
+    return -F.logsigmoid(signs * logits).sum()
 
 
 def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor) -> torch.Tensor:
+                logit_bias: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Pairwise sigmoid loss, −1/|B| Σ_ij log σ(z_ij(t·x_i·y_j + b)), with z = +1 on matching pairs.
 
     Every pair is an independent binary problem, so no softmax spans the batch. The loss is symmetric
@@ -56,11 +88,8 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
     rank, _ = _world()
     all_txt = gather_with_grad(txt)  # (N·B, D)
     b = img.shape[0]
-    logits = _wide(logit_scale * img @ all_txt.T + logit_bias)  # (B, N·B)
-    signs = -torch.ones_like(logits)
-    idx = torch.arange(b, device=img.device)
-    signs[idx, idx + rank * b] = 1.0
-    return -F.logsigmoid(signs * logits).sum() / b
+    labels = torch.arange(b, device=img.device) + rank * b
+    return _row_sum(_sig_sum, (img, labels), (all_txt, logit_scale, logit_bias), chunk) / b
 
 
 def naive_clip_loss(all_img: torch.Tensor, all_txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

@@ -29,23 +29,23 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
             torch.randn(GLOBAL_B, D_IN, generator=g, dtype=torch.float64))
 
 
-def _step(kind: str, x: torch.Tensor, t: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
+def _step(kind: str, x: torch.Tensor, t: torch.Tensor, chunk: int | None = None) -> tuple[float, list[torch.Tensor]]:
     img_net, txt_net, bias = _towers()
     img, txt = F.normalize(img_net(x), dim=-1), F.normalize(txt_net(t), dim=-1)
     scale = torch.tensor(10.0, dtype=torch.float64)
-    loss = clip_loss(img, txt, scale) if kind == "softmax" else siglip_loss(img, txt, scale, bias)
+    loss = clip_loss(img, txt, scale, chunk) if kind == "softmax" else siglip_loss(img, txt, scale, bias, chunk)
     loss.backward()
     params = [*img_net.parameters(), *txt_net.parameters(), bias]
     all_reduce_grads(params)  # what DDP does: the mean of the workers' gradients
     return float(loss), [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
 
-def _worker(rank: int, port: int, kind: str, out: str) -> None:
+def _worker(rank: int, port: int, kind: str, chunk: int | None, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         x, t = _data()
         rows = slice(rank * GLOBAL_B // 2, (rank + 1) * GLOBAL_B // 2)
-        loss, grads = _step(kind, x[rows], t[rows])
+        loss, grads = _step(kind, x[rows], t[rows], chunk)
         losses = torch.tensor([loss], dtype=torch.float64)
         dist.all_reduce(losses)
         torch.save({"loss": float(losses) / 2, "grads": grads}, f"{out}.{rank}")
@@ -59,10 +59,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.parametrize("chunk", [None, 4], ids=["whole", "row-chunks"])
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
-def test_two_workers_match_one_process_on_the_global_batch(kind: str, tmp_path: Path) -> None:
+def test_two_workers_match_one_process_on_the_global_batch(kind: str, chunk: int | None, tmp_path: Path) -> None:
+    """Also with the rows scored in recomputed blocks (6 local rows → blocks of 4 and 2)."""
     out = str(tmp_path / "result")
-    mp.spawn(_worker, args=(_free_port(), kind, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(_free_port(), kind, chunk, out), nprocs=2, join=True)
     ref_loss, ref_grads = _step(kind, *_data())
     for rank in (0, 1):
         got = torch.load(f"{out}.{rank}", weights_only=True)

@@ -1,0 +1,106 @@
+"""`raysl bench clip-loss`: memory and time of the contrastive loss as the global batch grows.
+
+Three ways to score a global batch G of (image, text) feature pairs, each measured side by side in fresh
+processes (forward + backward of the loss alone, one torch thread each):
+- naive: one process builds the whole G×G logit matrix;
+- local: 2 gloo workers, each scoring its G/2 rows against all G columns (all-gather with gradients);
+- chunked: the same, rows scored `chunk` at a time and recomputed in backward.
+Peak memory is the rise of the process's maximum resident set during the loss (the larger worker's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import resource
+import socket
+import time
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+log = logging.getLogger(__name__)
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _one(rank: int, world: int, port: int, mode: str, global_batch: int, dim: int, chunk: int,
+         results: Any) -> None:
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from raysl.methods.contrastive import clip_loss, naive_clip_loss
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        b = global_batch // world
+        g = torch.Generator().manual_seed(rank)
+        img = F.normalize(torch.randn(b, dim, generator=g), dim=-1).requires_grad_()
+        txt = F.normalize(torch.randn(b, dim, generator=g), dim=-1).requires_grad_()
+        scale = torch.tensor(1 / 0.07, requires_grad=True)
+        if world > 1:
+            dist.barrier()
+        base, t0 = _peak_mib(), time.perf_counter()
+        if mode == "naive":
+            loss = naive_clip_loss(img, txt, scale)
+        else:
+            loss = clip_loss(img, txt, scale, chunk=chunk if mode == "chunked" else None)
+        loss.backward()
+        results.put((rank, _peak_mib() - base, time.perf_counter() - t0, float(loss)))
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def measure(mode: str, global_batch: int, dim: int, chunk: int) -> dict[str, float]:
+    world = 1 if mode == "naive" else 2
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_one, args=(r, world, port, mode, global_batch, dim, chunk, results))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    rows = [results.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+    return {"peak_mib": max(r[1] for r in rows), "seconds": max(r[2] for r in rows), "loss": rows[0][3]}
+
+
+def _slope(xs: list[int], ys: list[float]) -> float:
+    """Growth exponent between the two largest sizes: ~1 linear, ~2 quadratic."""
+    (x0, y0), (x1, y1) = (xs[-2], max(ys[-2], 1e-3)), (xs[-1], max(ys[-1], 1e-3))
+    return math.log(y1 / y0) / math.log(x1 / x0)
+
+
+def bench_clip_loss(args: argparse.Namespace) -> dict[str, Any]:
+    sizes = [256 * 2**i for i in range(int(math.log2(args.max_batch // 256)) + 1)]
+    modes = ("naive", "local", "chunked")
+    table: dict[str, dict[str, dict[str, float]]] = {m: {} for m in modes}
+    for n in sizes:
+        for mode in modes:
+            table[mode][str(n)] = measure(mode, n, args.dim, args.chunk)
+            log.info("G=%d %-8s %s", n, mode, table[mode][str(n)])
+    top = str(sizes[-1])
+    return {
+        "dim": args.dim, "chunk": args.chunk, "workers": 2, "sizes": sizes,
+        "results": table,
+        "memory_growth_exponent": {m: round(_slope(sizes, [table[m][str(n)]["peak_mib"] for n in sizes]), 2)
+                                   for m in modes},
+        f"memory_ratio_vs_naive_at_{top}": {m: round(table[m][top]["peak_mib"] / max(table["naive"][top]["peak_mib"],
+                                                                                     1e-3), 3) for m in modes},
+        f"time_ratio_vs_naive_at_{top}": {m: round(table[m][top]["seconds"] / table["naive"][top]["seconds"], 3)
+                                          for m in modes},
+    }
