@@ -97,6 +97,8 @@ class IJEPAConfig(Strict):
     loss: Literal["l2", "smooth_l1"] = "l2"
     crop_scale: tuple[float, float] = (0.3, 1.0)
     flip_p: float = 0.5
+    sincos_positions: bool = Field(True, description="fixed 2-D sin-cos patch positions in the encoders "
+                                                     "(the reference implementation), not a learned table")
 
 
 class CLIPConfig(Strict):

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray.data
 
-from raysl.data.text import caption_text, json_caption
+from raysl.data.tokenizer import caption_text, json_caption
 from raysl.storage import S3Settings, StorageError, list_files, redact, resolve
 
 log = logging.getLogger(__name__)

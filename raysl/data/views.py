@@ -158,7 +158,7 @@ class ImageText(_Transform):
                                T.RandomHorizontalFlip(flip_p), T.PILToTensor()])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from raysl.data.text import get_tokenizer
+        from raysl.data.tokenizer import get_tokenizer
 
         out = self._render(batch, {"image": self.pipe})
         captions = [str(c) if c is not None else "" for c in batch["caption"]]

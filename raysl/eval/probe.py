@@ -94,7 +94,7 @@ def zero_shot_probe(model_uri: str, data_uri: str, *, label_column: str | None =
                     log_to_mlflow: bool = True) -> ProbeReport:
     """Zero-shot top-1 from class-name prompts, and image↔text recall@1/5/10 where the data has captions."""
     from raysl.config import PretrainConfig
-    from raysl.eval.zeroshot import evaluate
+    from raysl.eval.zero_shot import evaluate
     from raysl.train.launch import load_labeled
 
     uri = tracking.tracking_uri(tracking_uri)

@@ -22,7 +22,7 @@ from raysl.data.views import ImageText, normalize
 from raysl.methods.base import BatchFn, Method, backbone_kwargs, method_config, register
 from raysl.methods.contrastive import all_reduce_grads, clip_loss, siglip_loss
 from raysl.models.backbones import create_backbone
-from raysl.models.text import TextTower
+from raysl.models.heads import TextTower
 
 
 @register
@@ -123,7 +123,7 @@ class CLIP(Method):
         return {}
 
     def online_metrics(self, data: dict[str, Any]) -> dict[str, float]:
-        from raysl.eval.zeroshot import evaluate
+        from raysl.eval.zero_shot import evaluate
 
         return evaluate(self, data, self.text.context_length)
 

@@ -42,6 +42,26 @@ def vit_tokens(vit: Any, x: torch.Tensor, keep: torch.Tensor | None = None) -> t
     return h[:, prefix:]
 
 
+def fix_sincos_positions(vit: Any) -> None:
+    """Fixed 2-D sin-cos patch positions, not learned, as in the reference I-JEPA (and MAE) encoders.
+
+    A learned table starts random and, on small grids, explains a large share of the token variance, which
+    the predictor can match from positions alone; fixed positions leave content as what must be learned.
+    Prefix tokens (class token) get zeros.
+    """
+    from timm.layers import build_sincos2d_pos_embed
+
+    pos = getattr(vit, "pos_embed", None)
+    if not isinstance(pos, nn.Parameter):
+        return
+    grid = list(vit.patch_embed.grid_size)
+    table = build_sincos2d_pos_embed(grid, dim=pos.shape[-1]).reshape(1, grid[0] * grid[1], -1)
+    with torch.no_grad():
+        pos.zero_()
+        pos[:, pos.shape[1] - table.shape[1] :] = table.to(pos.dtype)
+    pos.requires_grad_(False)
+
+
 def gather_blocks(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """tokens (B, N, D), idx (B, M, T) → (B, M, T, D)."""
     b, m, t = idx.shape
@@ -69,6 +89,8 @@ class IJEPA(Method):
                                                **backbone_kwargs(cfg))
         if not hasattr(self.context_encoder, "patch_embed"):
             raise ValueError(f"model.backbone: I-JEPA needs a ViT (timm vit_*/deit_*), not {mc.backbone!r}")
+        if m.sincos_positions:
+            fix_sincos_positions(self.context_encoder)
         self.grid: tuple[int, int] = tuple(self.context_encoder.patch_embed.grid_size)  # type: ignore[union-attr,arg-type,assignment]
         dim = int(self.context_encoder.num_features)  # type: ignore[arg-type]
         self.predictor = JEPAPredictor(self.grid, dim, m.predictor_width, m.predictor_depth, m.predictor_heads)

@@ -1,4 +1,5 @@
-"""Small heads written here because no kept library offers them as-is: the BYOL MLP, the I-JEPA predictor."""
+"""Heads: the BYOL MLP and the I-JEPA predictor (timm Blocks), written here because no kept library offers
+them as-is; and CLIP's text tower, a thin wrapper over open_clip's TextTransformer."""
 
 from __future__ import annotations
 
@@ -47,3 +48,25 @@ class JEPAPredictor(nn.Module):
         out = self.blocks(torch.cat([x, queries], dim=1))
         out = self.proj(self.norm(out[:, -t:]))  # (B·M, T, D_enc)
         return out.reshape(b, m, t, -1)
+
+
+# CLIP's text tower: open_clip's causal TextTransformer over BPE ids, pooled at the end-of-text token
+# (its id, 49407, is the largest, so "argmax" pooling finds it); a linear projection to the shared space.
+VOCAB_SIZE = 49408  # open_clip's BPE vocabulary (see raysl.data.tokenizer)
+
+
+class TextTower(nn.Module):
+    def __init__(self, context_length: int, width: int, heads: int, layers: int, embed_dim: int) -> None:
+        super().__init__()
+        from open_clip.transformer import TextTransformer
+
+        if width % heads:
+            raise ValueError(f"method.text_width ({width}) must be a multiple of method.text_heads ({heads})")
+        self.context_length = context_length
+        self.net = TextTransformer(context_length=context_length, vocab_size=VOCAB_SIZE, width=width, heads=heads,
+                                   layers=layers, output_dim=embed_dim, pool_type="argmax")
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids → (B, embed_dim)."""
+        out: torch.Tensor = self.net(tokens)
+        return out

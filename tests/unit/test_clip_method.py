@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from raysl.config import PretrainConfig
-from raysl.data.text import Tokenizer, caption_text, json_caption
+from raysl.data.tokenizer import Tokenizer, caption_text, json_caption
 from raysl.data.views import ImageText
 from raysl.methods import get_method
 from raysl.methods.clip import CLIP

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from raysl.data.text import get_tokenizer
+from raysl.data.tokenizer import get_tokenizer
 
 log = logging.getLogger(__name__)
 
