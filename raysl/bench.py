@@ -329,13 +329,13 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(what: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Run one benchmark (`ingest`, `step` or `clip-loss`) and return a JSON-serializable report."""
-    if what == "clip-loss":
-        from raysl.bench_clip import bench_clip_loss
+    """Run one benchmark (`ingest`, `step`, `clip-loss`, `ijepa-context`) and return a JSON-serializable report."""
+    if what in ("clip-loss", "ijepa-context"):
+        from raysl.bench_methods import bench_clip_loss, bench_ijepa_context
 
-        return bench_clip_loss(args)
+        return bench_clip_loss(args) if what == "clip-loss" else bench_ijepa_context(args)
     if what == "ingest":
         return bench_ingest(args)
     if what == "step":
         return bench_step(args)
-    raise ValueError(f"bench: {what!r} is not one of ('ingest', 'step', 'clip-loss')")
+    raise ValueError(f"bench: {what!r} is not one of ('ingest', 'step', 'clip-loss', 'ijepa-context')")

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("bench", help="side-by-side throughput benchmarks (ratios)")
-    s.add_argument("what", choices=["ingest", "step", "clip-loss"])
+    s.add_argument("what", choices=["ingest", "step", "clip-loss", "ijepa-context"])
     s.add_argument("--images", type=int, default=2000)
     s.add_argument("--batches", type=int, default=20)
     s.add_argument("--batch-size", type=int, default=64)
@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=8192, help="clip-loss: largest global batch (from 256, ×2)")
     s.add_argument("--dim", type=int, default=512, help="clip-loss: embedding size")
     s.add_argument("--chunk", type=int, default=512, help="clip-loss: rows per recomputed block")
+    s.add_argument("--threads", type=int, default=2, help="ijepa-context: torch threads")
     s.set_defaults(fn=cmd_bench)
     return p
 

@@ -1,4 +1,9 @@
-"""`raysl bench clip-loss`: memory and time of the contrastive loss as the global batch grows.
+"""Method benchmarks, each a side-by-side ratio measured in one run.
+
+`raysl bench ijepa-context`: I-JEPA's context encoder forward+backward on the visible patches only vs a
+full-image forward+backward of the same ViT, interleaved; plus the kept context fraction per grid size.
+
+`raysl bench clip-loss`: memory and time of the contrastive loss as the global batch grows.
 
 Three ways to score a global batch G of (image, text) feature pairs, each measured side by side in fresh
 processes (forward + backward of the loss alone, one torch thread each):
@@ -103,4 +108,44 @@ def bench_clip_loss(args: argparse.Namespace) -> dict[str, Any]:
                                                                                      1e-3), 3) for m in modes},
         f"time_ratio_vs_naive_at_{top}": {m: round(table[m][top]["seconds"] / table["naive"][top]["seconds"], 3)
                                           for m in modes},
+    }
+
+
+def bench_ijepa_context(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    from raysl.config import load_config
+    from raysl.data.masks import MaskSpec, sample_masks
+    from raysl.methods.ijepa import IJEPA, vit_tokens
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config("ijepa-cifar-cpu", ["data.uri=unused"])
+    model = IJEPA.build(cfg)
+    vit: Any = model.context_encoder
+    grid = model.grid
+    x = torch.randn(args.batch_size, 3, cfg.model.image_size, cfg.model.image_size)
+    times: dict[str, list[float]] = {"visible": [], "full": []}
+    kept = []
+    for step in range(args.batches + 1):
+        ctx, _ = sample_masks(0, 0, step, args.batch_size, grid, model.spec)
+        kept.append(ctx.shape[1])
+        for name, keep in (("visible", torch.from_numpy(ctx)), ("full", None)):
+            t0 = time.perf_counter()
+            vit_tokens(vit, x, keep=keep).float().pow(2).mean().backward()
+            if step:  # the first round warms up
+                times[name].append(time.perf_counter() - t0)
+            vit.zero_grad(set_to_none=True)
+    fractions = {}
+    for g in (8, 14, 16, 32):
+        n = [sample_masks(1, 0, s, 64, (g, g), MaskSpec())[0].shape[1] for s in range(50)]
+        fractions[f"{g}x{g}"] = {"kept_patches": round(float(np.mean(n)), 1), "of": g * g,
+                                 "fraction": round(float(np.mean(n)) / (g * g), 3)}
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    return {
+        "backbone": cfg.model.backbone, "image_size": cfg.model.image_size, "patch_size": cfg.model.patch_size,
+        "batch_size": args.batch_size, "threads": args.threads,
+        "visible_patches_mean": round(float(np.mean(kept)), 1), "grid_patches": grid[0] * grid[1],
+        "median_s": {k: round(v, 4) for k, v in med.items()},
+        "visible_vs_full_time_ratio": round(med["visible"] / med["full"], 3),
+        "kept_context_fraction_by_grid": fractions,
     }
