@@ -22,6 +22,15 @@ def _model(**model):
     return get_method("ijepa").build(cfg)
 
 
+def _model_with(**method):
+    cfg = parse_config({
+        "data": {"uri": "/x"},
+        "method": {"name": "ijepa", "predictor_depth": 2, "predictor_width": 96, "predictor_heads": 3, **method},
+        "model": {"backbone": "vit_tiny_patch16_224", "image_size": 32, "patch_size": 4},
+    })
+    return get_method("ijepa").build(cfg)
+
+
 def _batch(model, n: int = 4, step: int = 1):
     g = torch.Generator().manual_seed(step)
     return model.collate({"image": torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)}, step, 0)
@@ -32,8 +41,21 @@ def test_gradients_reach_context_and_predictor_never_target() -> None:
     model(_batch(model))["loss"].backward()
     assert all(p.grad is None and not p.requires_grad for p in model.target_encoder.parameters())
     assert sum(float(p.grad.abs().sum()) for p in model.predictor.parameters() if p.grad is not None) > 0
-    unused = [n for n, p in model.context_encoder.named_parameters() if p.grad is None]
+    unused = [n for n, p in model.context_encoder.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused, unused  # DDP requires every trainable parameter to take part in the loss
+
+
+def test_encoder_positions_are_fixed_sincos_and_shared_with_the_target() -> None:
+    from timm.layers import build_sincos2d_pos_embed
+
+    model = _model()
+    pos = model.context_encoder.pos_embed  # (1, 1 + 64, D): class token slot first
+    assert not pos.requires_grad
+    torch.testing.assert_close(pos[0, 1:], build_sincos2d_pos_embed([8, 8], dim=pos.shape[-1]).reshape(64, -1))
+    assert float(pos[0, 0].abs().sum()) == 0.0
+    torch.testing.assert_close(model.target_encoder.pos_embed, pos)
+    learned = _model_with(sincos_positions=False).context_encoder.pos_embed
+    assert learned.requires_grad
 
 
 def test_target_moves_by_the_momentum_rule() -> None:
