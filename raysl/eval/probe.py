@@ -35,8 +35,8 @@ class ProbeReport:
         rows = [f"zero-shot top-1 {s['zero_shot_top1']:.1%} (chance {s['zero_shot_chance']:.1%}, "
                 f"{self.n_test} images)"]
         for way in ("i2t", "t2i"):
-            if f"{way}_recall@1" in s:
-                rows.append(f"{way} recall@1/5/10  " + "  ".join(f"{s[f'{way}_recall@{k}']:.1%}" for k in (1, 5, 10)))
+            if f"{way}_recall_at_1" in s:
+                rows.append(f"{way} recall@1/5/10  " + "  ".join(f"{s[f'{way}_recall_at_{k}']:.1%}" for k in (1, 5, 10)))
         return "\n".join(rows)
 
     def table(self) -> str:

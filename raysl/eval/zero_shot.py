@@ -79,7 +79,7 @@ def retrieval_recall(img_emb: torch.Tensor, txt_emb: torch.Tensor, ks: Sequence[
         # rank of the true partner = how many candidates score strictly higher
         rank = (s > s[target, target].unsqueeze(1)).sum(dim=1)
         for k in ks:
-            out[f"{name}_recall@{k}"] = float((rank < k).float().mean())
+            out[f"{name}_recall_at_{k}"] = float((rank < k).float().mean())
     return out
 
 

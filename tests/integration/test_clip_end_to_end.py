@@ -99,7 +99,7 @@ def test_clip_pretrain_register_zero_shot_over_s3(s3: S3, mlflow_server: str, ra
     m = run.data.metrics
     assert 0 < m["bad_images"] and m["bad_fraction"] < 0.05  # the bad samples were met, counted, skipped
     assert m["bad_images"] % n_bad == 0 or m["bad_images"] >= n_bad
-    for key in ("logit_scale", "zero_shot_top1", "i2t_recall@1", "t2i_recall@5", "knn_top1"):
+    for key in ("logit_scale", "zero_shot_top1", "i2t_recall_at_1", "t2i_recall_at_5", "knn_top1"):
         assert key in m, key
     assert 1.0 < m["logit_scale"] <= 100.0
     losses = [x.value for x in client.get_metric_history(result.run_id, "loss")]
@@ -115,6 +115,6 @@ def test_clip_pretrain_register_zero_shot_over_s3(s3: S3, mlflow_server: str, ra
     s = report.scores
     assert report.n_test == 359 and s["zero_shot_chance"] == pytest.approx(1 / 12)
     assert s["zero_shot_top1"] > 2 * s["zero_shot_chance"], s
-    assert s["i2t_recall@10"] > 3 * 10 / 359, s  # well above chance for 10 of 359 candidates
+    assert s["i2t_recall_at_10"] > 3 * 10 / 359, s  # well above chance for 10 of 359 candidates
     tags = client.get_model_version("it-clip", "1").tags
     assert float(tags["probe.zero_shot_top1"]) == pytest.approx(s["zero_shot_top1"], abs=1e-4)

@@ -118,3 +118,29 @@ def test_captions_from_txt_json_and_bad_samples_are_invalid() -> None:
                 "caption": np.array(["a red circle", "a blue square", "  "], dtype=object)})
     assert out["valid"].tolist() == [True, False, False]
     assert out["text"].shape == (3, 16) and out["image"].shape == (3, 3, 32, 32)
+
+
+def test_captions_file_csv_and_jsonl(tmp_path: Any) -> None:
+    from raysl.data.shard import read_captions
+
+    (tmp_path / "c.csv").write_text('file,caption\ncat/1.jpg,"a cat, asleep"\ndog/2.jpg,\n')
+    assert read_captions(str(tmp_path / "c.csv")) == {"cat/1.jpg": "a cat, asleep", "dog/2.jpg": ""}
+    (tmp_path / "c.jsonl").write_text('{"file": "a.png", "caption": "a red circle"}\n\n')
+    assert read_captions(str(tmp_path / "c.jsonl")) == {"a.png": "a red circle"}
+    (tmp_path / "bad.csv").write_text("path,text\na.png,x\n")
+    with pytest.raises(ValueError, match="needs `file` and `caption`"):
+        read_captions(str(tmp_path / "bad.csv"))
+
+
+def test_retrieval_recall_and_zero_shot_scoring() -> None:
+    from raysl.eval.zero_shot import retrieval_recall, zero_shot_top1
+
+    emb = torch.nn.functional.normalize(torch.randn(50, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    perfect = retrieval_recall(emb, emb)
+    assert perfect["i2t_recall_at_1"] == 1.0 and perfect["t2i_recall_at_1"] == 1.0
+    shifted = retrieval_recall(emb, emb.roll(1, dims=0))  # every caption belongs to the next image
+    assert shifted["i2t_recall_at_1"] < 0.2 and shifted["i2t_recall_at_10"] <= shifted["i2t_recall_at_5"] + 1
+    assert shifted["i2t_recall_at_1"] <= shifted["i2t_recall_at_5"] <= shifted["i2t_recall_at_10"]
+    cls = torch.eye(3, 16)
+    imgs = torch.eye(3, 16)[[0, 1, 2, 2]]
+    assert zero_shot_top1(imgs, np.array([0, 1, 2, 1]), cls) == 0.75
