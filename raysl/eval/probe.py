@@ -36,7 +36,8 @@ class ProbeReport:
                 f"{self.n_test} images)"]
         for way in ("i2t", "t2i"):
             if f"{way}_recall_at_1" in s:
-                rows.append(f"{way} recall@1/5/10  " + "  ".join(f"{s[f'{way}_recall_at_{k}']:.1%}" for k in (1, 5, 10)))
+                recalls = "  ".join(f"{s[f'{way}_recall_at_{k}']:.1%}" for k in (1, 5, 10))
+                rows.append(f"{way} recall@1/5/10  {recalls}")
         return "\n".join(rows)
 
     def table(self) -> str:
