@@ -12,6 +12,7 @@ optimizer's gradients are averaged over workers (DDP, or `all_reduce_grads`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -37,7 +38,12 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     _, world = _world()
     if world == 1:
         return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    with warnings.catch_warnings():
+        # Deprecated in favour of a private functional-collectives API that lacks gloo (CPU) support
+        # for its backward; this one works on gloo and NCCL alike.
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = dist_fn.all_gather(x)
+    return torch.cat(parts, dim=0)
 
 
 def _row_sum(fn: Callable[..., torch.Tensor], rows: tuple[torch.Tensor, ...], rest: tuple[torch.Tensor, ...],
