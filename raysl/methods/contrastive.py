@@ -33,17 +33,24 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """(B, D) on every worker → (N·B, D) in rank order; gradients flow back to each worker's rows."""
-    _, world = _world()
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(B_r, D) on worker r → ((Σ B_r, D) in rank order, offset of this worker's rows); gradients flow
+    back to each worker's rows. Workers may hold different B_r (undecodable samples are dropped before
+    the loss), so rows are padded to the largest B_r for the collective and the padding cut off again."""
+    rank, world = _world()
     if world == 1:
-        return x
+        return x, 0
+    n = torch.tensor([x.shape[0]], device=x.device)
+    counts = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(counts, n)
+    sizes = [int(c) for c in counts]
+    padded = F.pad(x, (0, 0, 0, max(sizes) - x.shape[0]))
     with warnings.catch_warnings():
         # Deprecated in favour of a private functional-collectives API that lacks gloo (CPU) support
         # for its backward; this one works on gloo and NCCL alike.
         warnings.simplefilter("ignore", FutureWarning)
-        parts = dist_fn.all_gather(x)
-    return torch.cat(parts, dim=0)
+        parts = dist_fn.all_gather(padded)
+    return torch.cat([p[:k] for p, k in zip(parts, sizes, strict=True)], dim=0), sum(sizes[:rank])
 
 
 def _row_sum(fn: Callable[..., torch.Tensor], rows: tuple[torch.Tensor, ...], rest: tuple[torch.Tensor, ...],
@@ -67,10 +74,9 @@ def _ce_sum(q: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, scale: to
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
               chunk: int | None = None) -> torch.Tensor:
     """Symmetric InfoNCE. img, txt: (B, D) L2-normalized local features; logit_scale: scalar (not log)."""
-    rank, _ = _world()
-    all_img, all_txt = gather_with_grad(img), gather_with_grad(txt)  # (N·B, D)
+    (all_img, offset), (all_txt, _) = gather_with_grad(img), gather_with_grad(txt)  # (N·B, D)
     b = img.shape[0]
-    labels = torch.arange(b, device=img.device) + rank * b  # this worker's pairs sit at rank·B … rank·B+B−1
+    labels = torch.arange(b, device=img.device) + offset  # where this worker's pairs sit among all N·B
     i2t = _row_sum(_ce_sum, (img, labels), (all_txt, logit_scale), chunk)  # my images vs every caption
     t2i = _row_sum(_ce_sum, (txt, labels), (all_img, logit_scale), chunk)  # my captions vs every image
     return (i2t + t2i) / (2 * b)
@@ -91,10 +97,9 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
     Every pair is an independent binary problem, so no softmax spans the batch. The loss is symmetric
     in image and text (the pair matrix is merely transposed).
     """
-    rank, _ = _world()
-    all_txt = gather_with_grad(txt)  # (N·B, D)
+    all_txt, offset = gather_with_grad(txt)  # (N·B, D)
     b = img.shape[0]
-    labels = torch.arange(b, device=img.device) + rank * b
+    labels = torch.arange(b, device=img.device) + offset
     return _row_sum(_sig_sum, (img, labels), (all_txt, logit_scale, logit_bias), chunk) / b
 
 
@@ -108,9 +113,12 @@ def naive_clip_loss(all_img: torch.Tensor, all_txt: torch.Tensor, logit_scale: t
 def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
     """Average gradients over workers in one flat buffer (used where DDP's hooks are bypassed)."""
     _, world = _world()
-    grads = [p.grad for p in params if p.grad is not None]
-    if world == 1 or not grads:
+    if world == 1 or not params:
         return
+    for p in params:  # every worker must contribute the same buffer, even if a parameter got no gradient
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= world

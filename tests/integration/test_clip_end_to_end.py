@@ -97,8 +97,8 @@ def test_clip_pretrain_register_zero_shot_over_s3(s3: S3, mlflow_server: str, ra
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     m = run.data.metrics
-    assert 0 < m["bad_images"] and m["bad_fraction"] < 0.05  # the bad samples were met, counted, skipped
-    assert m["bad_images"] % n_bad == 0 or m["bad_images"] >= n_bad
+    # every sample was seen at least once (3,840 drawn from 1,203), so each bad one was met, counted, skipped
+    assert m["bad_images"] >= n_bad and m["bad_fraction"] < 0.05
     for key in ("logit_scale", "zero_shot_top1", "i2t_recall_at_1", "t2i_recall_at_5", "knn_top1"):
         assert key in m, key
     assert 1.0 < m["logit_scale"] <= 100.0

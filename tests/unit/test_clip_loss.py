@@ -105,3 +105,31 @@ def test_sigmoid_loss_has_no_batch_softmax() -> None:
     logits = scale * img @ txt.T + bias
     manual = -(F.logsigmoid(logits.diag()).sum() + F.logsigmoid(-logits).sum() - F.logsigmoid(-logits.diag()).sum())
     assert float(full) == pytest.approx(float(manual), rel=1e-12)
+
+
+def _uneven_worker(rank: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        x, t = _data()
+        rows = slice(0, 5) if rank == 0 else slice(5, GLOBAL_B)  # e.g. bad samples dropped on rank 0
+        img_net, txt_net, _ = _towers()
+        img, txt = F.normalize(img_net(x[rows]), dim=-1), F.normalize(txt_net(t[rows]), dim=-1)
+        loss_sum = clip_loss(img, txt, torch.tensor(10.0, dtype=torch.float64)) * (rows.stop - rows.start)
+        total = loss_sum.detach().clone()
+        dist.all_reduce(total)
+        torch.save({"loss_sum": float(total)}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_workers_with_different_batch_sizes_still_score_every_pair(tmp_path: Path) -> None:
+    """Undecodable samples leave ranks with unequal batches; the gather pads and cuts, and the summed
+    per-row losses equal the single-process sum over the whole batch."""
+    out = str(tmp_path / "uneven")
+    mp.spawn(_uneven_worker, args=(_free_port(), out), nprocs=2, join=True)
+    img_net, txt_net, _ = _towers()
+    x, t = _data()
+    img, txt = F.normalize(img_net(x), dim=-1), F.normalize(txt_net(t), dim=-1)
+    ref = float(clip_loss(img, txt, torch.tensor(10.0, dtype=torch.float64))) * GLOBAL_B
+    for rank in (0, 1):
+        assert torch.load(f"{out}.{rank}", weights_only=True)["loss_sum"] == pytest.approx(ref, rel=1e-10)
