@@ -144,3 +144,24 @@ def test_retrieval_recall_and_zero_shot_scoring() -> None:
     cls = torch.eye(3, 16)
     imgs = torch.eye(3, 16)[[0, 1, 2, 2]]
     assert zero_shot_top1(imgs, np.array([0, 1, 2, 1]), cls) == 0.75
+
+
+def test_whole_model_export_round_trips(tmp_path: Any) -> None:
+    from raysl.methods.base import export_config
+    from raysl.tracking import load_full_dir, save_full_dir
+
+    model = small_clip().float().eval()
+    cfg = PretrainConfig.model_validate({
+        "data": {"uri": "s3://secret-bucket/data"},
+        "method": {"name": "clip", "embed_dim": 32, "text_width": 32, "text_heads": 2, "text_layers": 2,
+                   "context_length": 16},
+        "model": {"backbone": "vit_tiny_patch16_224", "image_size": 32, "patch_size": 8},
+    })
+    tree = export_config(cfg)
+    assert tree["data"]["uri"] == "exported" and "train" not in tree  # where the data lived stays private
+    save_full_dir(tmp_path, model, tree)
+    loaded, _ = load_full_dir(tmp_path)
+    b = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embed_texts(b["text"]), model.embed_texts(b["text"]))  # type: ignore[operator]
+        torch.testing.assert_close(loaded.embed_images(b["image"]), model.embed_images(b["image"]))  # type: ignore[operator]
