@@ -70,14 +70,27 @@ def zero_shot_top1(img_emb: torch.Tensor, labels: np.ndarray, cls_emb: torch.Ten
     return float((pred == np.asarray(labels)).mean())
 
 
-def retrieval_recall(img_emb: torch.Tensor, txt_emb: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Pairs share an index. Duplicate captions count as hits (a caption equal to the partner's)."""
-    sim = img_emb @ txt_emb.T  # (N, N)
-    target = torch.arange(len(sim))
+def retrieval_recall(img_emb: torch.Tensor, txt_emb: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
+                     captions: Sequence[str] | None = None) -> dict[str, float]:
+    """Image i and caption i are a pair. Recall@K: the share of queries whose best correct candidate has
+    fewer than K wrong candidates scoring above it.
+
+    With `captions`, identical caption texts are one answer (as COCO counts any of an image's captions):
+    for an image, every caption equal to its own is correct; for a caption, every image carrying that
+    text is. Without this, templated or short captions would make the metric a lottery among duplicates.
+    """
+    sim = img_emb @ txt_emb.T  # (N images, N captions)
+    n = len(sim)
+    if captions is None:
+        correct = torch.eye(n, dtype=torch.bool)
+    else:
+        _, group = np.unique(np.asarray([str(c) for c in captions]), return_inverse=True)
+        g = torch.from_numpy(group.reshape(-1))
+        correct = g.unsqueeze(1) == g.unsqueeze(0)  # (N, N): image i's caption text == caption j's text
     out: dict[str, float] = {}
     for name, s in (("i2t", sim), ("t2i", sim.T)):
-        # rank of the true partner = how many candidates score strictly higher
-        rank = (s > s[target, target].unsqueeze(1)).sum(dim=1)
+        best = s.masked_fill(~correct, float("-inf")).max(dim=1, keepdim=True).values  # (N, 1)
+        rank = ((s > best) & ~correct).sum(dim=1)  # wrong candidates ranked above the best right one
         for k in ks:
             out[f"{name}_recall_at_{k}"] = float((rank < k).float().mean())
     return out
@@ -97,7 +110,8 @@ def evaluate(model: ImageTextModel, data: dict[str, Any], context_length: int,
                "zero_shot_chance": 1.0 / max(len(data["classes"]), 1)}
         captions = data.get("caption")
         if captions is not None and len(captions) == len(img) and all(str(c).strip() for c in captions):
-            out.update(retrieval_recall(img, text_embeddings(model, [str(c) for c in captions], context_length)))
+            texts = [str(c) for c in captions]
+            out.update(retrieval_recall(img, text_embeddings(model, texts, context_length), captions=texts))
     finally:
         if hasattr(model, "train"):
             model.train(was_training)  # type: ignore[attr-defined]

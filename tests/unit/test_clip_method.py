@@ -141,6 +141,13 @@ def test_retrieval_recall_and_zero_shot_scoring() -> None:
     shifted = retrieval_recall(emb, emb.roll(1, dims=0))  # every caption belongs to the next image
     assert shifted["i2t_recall_at_1"] < 0.2 and shifted["i2t_recall_at_10"] <= shifted["i2t_recall_at_5"] + 1
     assert shifted["i2t_recall_at_1"] <= shifted["i2t_recall_at_5"] <= shifted["i2t_recall_at_10"]
+    # identical caption texts are one answer: image 0's caption equals caption 1, which scores higher
+    img2 = torch.eye(3, 16)
+    txt2 = torch.stack([torch.eye(3, 16)[2], torch.eye(3, 16)[0], torch.eye(3, 16)[1]])
+    texts = ["a cat", "a cat", "a dog"]
+    assert retrieval_recall(img2, txt2)["i2t_recall_at_1"] == 0.0
+    dup = retrieval_recall(img2, txt2, captions=texts)
+    assert dup["i2t_recall_at_1"] == pytest.approx(1 / 3)  # image 0 finds "a cat" (caption 1); 1 and 2 miss
     cls = torch.eye(3, 16)
     imgs = torch.eye(3, 16)[[0, 1, 2, 2]]
     assert zero_shot_top1(imgs, np.array([0, 1, 2, 1]), cls) == 0.75
