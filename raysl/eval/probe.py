@@ -116,14 +116,17 @@ def _log(uri: str, model_uri: str, model_id: str | None, spec: dict[str, Any], r
         import mlflow
 
         mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment("raysl-probe")
-        with mlflow.start_run(run_name=f"probe {model_uri}"):
+        # An experiment id, not set_experiment(): that would change the process-wide active experiment, and a
+        # later start_run(run_id=…) of a pretraining run in the same process would then refuse to resume.
+        client = mlflow.tracking.MlflowClient(uri)
+        found = client.get_experiment_by_name("raysl-probe")
+        exp_id = found.experiment_id if found is not None else client.create_experiment("raysl-probe")
+        with mlflow.start_run(run_name=f"probe {model_uri}", experiment_id=exp_id):
             mlflow.log_params({"model_uri": model_uri, "n_train": report.n_train, "n_test": report.n_test})
             for key, value in report.scores.items():
                 mlflow.log_metric(key, value, model_id=model_id)
         if "registered_version" in spec and model_uri.startswith("models:/"):
             name = model_uri[len("models:/") :].split("@")[0]
-            client = mlflow.tracking.MlflowClient(uri)
             for key, value in report.scores.items():
                 client.set_model_version_tag(name, spec["registered_version"], f"probe.{key}", f"{value:.4f}")
     except Exception as exc:  # noqa: BLE001 - the numbers were computed; a tracking outage must not lose them

@@ -80,9 +80,7 @@ def test_clip_pretrain_register_zero_shot_over_s3(s3: S3, mlflow_server: str, ra
 
     cfg = parse_config({
         "data": {"uri": train_uri, "max_bad_fraction": 0.05},
-        # the standard stride-2 stem: ~16× cheaper than the CIFAR stem at 32 px, and colour + coarse shape is
-        # all this check needs
-        "model": {"backbone": "resnet18", "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
+        "model": {"backbone": "resnet18", "cifar_stem": True, "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
         "method": {"name": "clip", "embed_dim": 64, "context_length": 24, "text_width": 64, "text_heads": 2,
                    "text_layers": 2, "micro_batches": 2},
         "optim": {"name": "adamw", "lr": 1e-3, "scale_lr": False, "weight_decay": 0.1, "warmup_steps": 10},
