@@ -168,18 +168,21 @@ def _pyfunc_class() -> type:
 
 def save_encoder_dir(folder: Path, encoder: nn.Module, spec: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
-              str(folder / "encoder.safetensors"))
+    _save_weights(encoder, folder / "encoder.safetensors")
     (folder / "encoder.json").write_text(json.dumps(spec, indent=2))
 
 
 FULL_WEIGHTS, FULL_CONFIG = "model.safetensors", "model.json"
 
 
+def _save_weights(module: nn.Module, path: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
+
+
 def save_full_dir(folder: Path, model: nn.Module, config: dict[str, Any]) -> None:
     """The whole trained method (e.g. CLIP's two towers), beside the encoder: weights + rebuilding config."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / FULL_WEIGHTS))
+    _save_weights(model, folder / FULL_WEIGHTS)
     (folder / FULL_CONFIG).write_text(json.dumps(config, indent=2))
 
 

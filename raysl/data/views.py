@@ -144,23 +144,21 @@ class OneView(_Transform):
         return self._render(batch, {"image": self.pipe})
 
 
-class ImageText(_Transform):
-    """CLIP: one light crop of the image, and the caption tokenized here, on Ray Data's CPU workers.
+class ImageText(OneView):
+    """CLIP: OneView's crop and flip of the image, plus the caption tokenized here, on Ray Data's CPU workers.
 
     A sample is valid only if its image decodes and its caption is not empty; the rest are counted.
     """
 
     def __init__(self, image_size: int, max_pixels: int, *, crop_scale: tuple[float, float], flip_p: float,
                  context_length: int) -> None:
-        super().__init__(image_size, max_pixels)
+        super().__init__(image_size, max_pixels, crop_scale=crop_scale, flip_p=flip_p)
         self.context_length = context_length
-        self.pipe = T.Compose([T.RandomResizedCrop(image_size, scale=crop_scale, antialias=True),
-                               T.RandomHorizontalFlip(flip_p), T.PILToTensor()])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from raysl.data.tokenizer import get_tokenizer
 
-        out = self._render(batch, {"image": self.pipe})
+        out = super().__call__(batch)
         captions = [str(c) if c is not None else "" for c in batch["caption"]]
         has_text = np.array([bool(c.strip()) for c in captions], dtype=bool)
         out["text"] = get_tokenizer(self.context_length).encode(captions)  # (N, L) int32
