@@ -246,37 +246,44 @@ def register_encoder(uri: str, run_id: str, encoder: nn.Module, spec: dict[str, 
     return version
 
 
-def load_full_model(model_uri: str, uri: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Load the whole method registered with an encoder (CLIP: both towers) → (module, config tree)."""
+def _artifact_dir(model_uri: str, uri: str | None, filename: str, tmp: str) -> Path | None:
+    """Download a model's artifacts into `tmp`; the folder holding `filename`, or None."""
     import mlflow
     import mlflow.artifacts
 
     mlflow.set_tracking_uri(tracking_uri(uri))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+    found = next(local.rglob(filename), None)
+    return found.parent if found is not None else None
+
+
+def registry_version(model_uri: str, uri: str | None = None) -> tuple[str | None, str | None]:
+    """(logged model id, registered version) of `models:/<name>@<alias>`; (None, None) for other URIs."""
+    if not (model_uri.startswith("models:/") and "@" in model_uri):
+        return None, None
+    name, alias = model_uri[len("models:/") :].split("@", 1)
+    mv = _client(tracking_uri(uri)).get_model_version_by_alias(name, alias)
+    return getattr(mv, "model_id", None), str(mv.version)
+
+
+def load_full_model(model_uri: str, uri: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Load the whole method registered with an encoder (CLIP: both towers) → (module, config tree)."""
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
-        found = next(local.rglob(FULL_CONFIG), None)
-        if found is None:
+        folder = _artifact_dir(model_uri, uri, FULL_CONFIG, tmp)
+        if folder is None:
             raise ValueError(f"{model_uri} holds only an encoder, not a whole model (no {FULL_CONFIG}); "
                              "zero-shot needs a method that registers both towers, such as clip")
-        return load_full_dir(found.parent)
+        return load_full_dir(folder)
 
 
 def load_encoder(model_uri: str, uri: str | None = None) -> tuple[nn.Module, dict[str, Any], str | None]:
     """Load `models:/<name>@<alias>` (or any model URI) → (encoder in eval mode, spec, model_id)."""
-    import mlflow
-    import mlflow.artifacts
-
-    mlflow.set_tracking_uri(tracking_uri(uri))
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
-        found = next(local.rglob("encoder.json"), None)
-        if found is None:
+        folder = _artifact_dir(model_uri, uri, "encoder.json", tmp)
+        if folder is None:
             raise ValueError(f"{model_uri} holds no raysl encoder (no encoder.json among its artifacts)")
-        model, spec = load_encoder_dir(found.parent)
-    model_id = None
-    if model_uri.startswith("models:/") and "@" in model_uri:
-        name, alias = model_uri[len("models:/") :].split("@", 1)
-        mv = _client(tracking_uri(uri)).get_model_version_by_alias(name, alias)
-        model_id = getattr(mv, "model_id", None)
-        spec["registered_version"] = mv.version
+        model, spec = load_encoder_dir(folder)
+    model_id, version = registry_version(model_uri, uri)
+    if version is not None:
+        spec["registered_version"] = version
     return model, spec, model_id

@@ -100,7 +100,8 @@ def zero_shot_probe(model_uri: str, data_uri: str, *, label_column: str | None =
 
     uri = tracking.tracking_uri(tracking_uri)
     model, tree = tracking.load_full_model(model_uri, uri)
-    _, spec, model_id = tracking.load_encoder(model_uri, uri)
+    model_id, version = tracking.registry_version(model_uri, uri)  # for _log; no second download
+    spec = {"registered_version": version} if version is not None else {}
     cfg = PretrainConfig.model_validate(tree)
     data = load_labeled(data_uri, cfg, S3Settings.resolve(), label_column, max_samples)
     context_length = int(getattr(cfg.method, "context_length", 77))
