@@ -99,6 +99,9 @@ class IJEPAConfig(Strict):
     flip_p: float = 0.5
     sincos_positions: bool = Field(True, description="fixed 2-D sin-cos patch positions in the encoders "
                                                      "(the reference implementation), not a learned table")
+    export_encoder: Literal["target", "context"] = Field(
+        "target", description="the encoder registered and probed: the EMA target (the paper's) or the context "
+                              "encoder, which leads the target in short runs")
 
 
 class CLIPConfig(Strict):

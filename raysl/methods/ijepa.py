@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -96,6 +97,7 @@ class IJEPA(Method):
         self.predictor = JEPAPredictor(self.grid, dim, m.predictor_width, m.predictor_depth, m.predictor_heads)
         self.target_encoder = make_target(self.context_encoder)
         self.tau = m.momentum[0]
+        self.export_encoder = m.export_encoder
 
     @classmethod
     def build(cls, cfg: PretrainConfig) -> IJEPA:
@@ -135,5 +137,16 @@ class IJEPA(Method):
         ema_update(self.target_encoder, self.context_encoder, self.tau)
         return {"tau": self.tau}
 
+    def online_metrics(self, data: dict[str, Any]) -> dict[str, float]:
+        """The shared kNN follows the exported encoder; this adds the other one. In short runs the EMA target
+        lags the context encoder (it averages weights from the early steps, whose features are worst)."""
+        from raysl.train.online_eval import split_knn
+
+        other = "context" if self.export_encoder == "target" else "target"
+        enc: nn.Module = getattr(self, f"{other}_encoder")
+        device = next(self.context_encoder.parameters()).device
+        labels = torch.as_tensor(np.asarray(data["label"]), dtype=torch.long)
+        return {f"{other}_knn_top1": split_knn(enc, np.asarray(data["image"]), labels, self.mean, self.std, device)}
+
     def encoder(self) -> nn.Module:
-        return self.target_encoder
+        return self.target_encoder if self.export_encoder == "target" else self.context_encoder

@@ -32,6 +32,13 @@ def extract(encoder: nn.Module, images: np.ndarray, mean: Any, std: Any, device:
     return torch.cat(feats)
 
 
+def split_knn(encoder: nn.Module, images: np.ndarray, labels: torch.Tensor, mean: Any, std: Any,
+              device: torch.device, k: int = 20) -> float:
+    """kNN top-1 of `encoder` on a labeled split: even-indexed samples are the bank, odd ones the queries."""
+    f = extract(encoder, images, mean, std, device)
+    return knn_top1(f[0::2], labels[0::2], f[1::2], labels[1::2], k=k)
+
+
 class OnlineKNN:
     def __init__(self, data: dict[str, Any], cfg: PretrainConfig) -> None:
         self.data = data  # image, label, classes[, caption]: what a method's own online metrics may use
@@ -45,6 +52,4 @@ class OnlineKNN:
         return cls(dict(ray.get(ref)), cfg)
 
     def evaluate(self, encoder: nn.Module, device: torch.device) -> float:
-        f = extract(encoder, self.images, self.mean, self.std, device)
-        y = self.labels
-        return knn_top1(f[0::2], y[0::2], f[1::2], y[1::2], k=self.k)
+        return split_knn(encoder, self.images, self.labels, self.mean, self.std, device, self.k)
