@@ -108,6 +108,27 @@ def test_loss_and_targets_are_finite_and_normalized() -> None:
 def test_encoder_is_the_target_with_average_pooling() -> None:
     model = _model()
     assert model.encoder() is model.target_encoder and model.encoder().global_pool == "avg"
+    context = _model_with(export_encoder="context")
+    assert context.encoder() is context.context_encoder
+
+
+@pytest.mark.parametrize("export", ["target", "context"])
+def test_online_metrics_score_the_encoder_that_is_not_exported(export: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import raysl.train.online_eval as online_eval
+
+    model = _model_with(export_encoder=export)
+    scored: list[nn.Module] = []
+
+    def fake_knn(encoder: nn.Module, images, labels, mean, std, device, k: int = 20) -> float:
+        scored.append(encoder)
+        assert images.shape == (6, 3, 32, 32) and labels.tolist() == [0, 1, 0, 1, 0, 1]
+        return 0.5
+
+    monkeypatch.setattr(online_eval, "split_knn", fake_knn)
+    data = {"image": torch.zeros(6, 3, 32, 32, dtype=torch.uint8).numpy(), "label": [0, 1] * 3}
+    other = "context" if export == "target" else "target"
+    assert model.online_metrics(data) == {f"{other}_knn_top1": 0.5}
+    assert scored == [getattr(model, f"{other}_encoder")] and model.encoder() is not scored[0]
 
 
 def test_weight_decay_schedule() -> None:

@@ -1,0 +1,87 @@
+"""I-JEPA learns: a short pretraining on digits beats the same ViT at random init on a held-out kNN.
+
+In-process (no Ray, the loop's own optimizer, LR and weight-decay schedules, masks and momentum update)
+so that it fits the suite's budget. Labels are used only by the kNN: the bank is the pretraining
+images, the queries are 500 digits never trained on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raysl.config import PretrainConfig, parse_config
+from raysl.data.views import EvalView
+from raysl.demo import demo_config, digit_png
+from raysl.eval.knn import knn_top1
+from raysl.methods import get_method
+from raysl.train.online_eval import extract
+from raysl.train.optim import apply_weight_decay, build_optimizer, build_scheduler, weight_decay_at
+
+STEPS = 200
+
+
+def _config(**method: object) -> PretrainConfig:
+    """The demo's I-JEPA recipe (a narrow 4-block ViT, ~0.3 s a step on 2 cores), at batch 64."""
+    tree = demo_config({"train": Path("/unused"), "test": Path("/unused")}, Path("/unused"), STEPS, "ijepa")
+    tree["method"].update(method)
+    tree["train"].update(batch_size=64, seed=0)
+    return parse_config(tree)
+
+
+@pytest.fixture(scope="module")
+def digits() -> dict[str, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    order = np.random.default_rng(0).permutation(len(d.target))
+    pngs = np.array([digit_png(d.data[i]) for i in order], dtype=object)
+    keys = np.array([f"d{i}" for i in order])
+    images = EvalView(32, 10**8)({"image": pngs, "key": keys})["image"]
+    return {"png": pngs, "key": keys, "image": images, "label": d.target[order]}
+
+
+def _held_out_knn(encoder: torch.nn.Module, digits: dict[str, np.ndarray], cfg: PretrainConfig) -> float:
+    f = extract(encoder, digits["image"], cfg.model.mean, cfg.model.std, torch.device("cpu"))
+    y = torch.as_tensor(digits["label"])
+    return knn_top1(f[500:], y[500:], f[:500], y[:500])
+
+
+def _pretrain(cfg: PretrainConfig, digits: dict[str, np.ndarray]) -> tuple[torch.nn.Module, list[float]]:
+    torch.manual_seed(0)
+    method_cls = get_method("ijepa")
+    model, view = method_cls.build(cfg), method_cls.view_transform(cfg)
+    steps, bs = cfg.train.steps, cfg.train.batch_size
+    opt = build_optimizer(model, cfg.optim, bs)
+    sched = build_scheduler(opt, cfg.optim, steps)
+    rng, losses = np.random.default_rng(1), []
+    for step in range(steps):
+        idx = rng.choice(np.arange(500, len(digits["png"])), bs, replace=False)  # never the held-out 500
+        batch = view({"image": digits["png"][idx], "key": digits["key"][idx]})
+        apply_weight_decay(opt, weight_decay_at(cfg.optim, step, steps))
+        loss = model(model.collate({"image": torch.from_numpy(batch["image"])}, step, 0))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step_update(step + 1)
+        model.on_step_end(step + 1, steps)
+        losses.append(float(loss))
+    return model, losses
+
+
+def test_short_pretraining_beats_random_init_on_held_out_knn(digits: dict[str, np.ndarray]) -> None:
+    # Measured here (200 steps): random init 0.560, context encoder 0.686, EMA target 0.610. In short runs
+    # the target lags (it averages in the weights of the first steps, whose features dip below random
+    # init), so the context encoder carries the margin and the target must at least beat random init.
+    cfg = _config(export_encoder="context")
+    torch.manual_seed(0)
+    random_init = _held_out_knn(get_method("ijepa").build(cfg).encoder(), digits, cfg)
+    model, losses = _pretrain(cfg, digits)
+    context = _held_out_knn(model.encoder(), digits, cfg)
+    target = _held_out_knn(model.target_encoder, digits, cfg)
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), losses
+    assert context > random_init + 0.07, (context, target, random_init)
+    assert target > random_init + 0.02, (context, target, random_init)
