@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="digits → BYOL|I-JEPA, or scenes → CLIP; → MLflow → probe")
     s.add_argument("--workdir", default="demo-output")
-    s.add_argument("--steps", type=int, default=None, help="default: 100 (byol, clip), 300 (ijepa)")
+    s.add_argument("--steps", type=int, default=None, help="default: 100 (byol, clip), 250 (ijepa)")
     s.add_argument("--method", default="byol", choices=["byol", "ijepa", "clip"])
     s.set_defaults(fn=cmd_demo)
 
