@@ -22,7 +22,7 @@ demo: venv
 	$(VENV)/bin/raysl demo
 
 lint: venv
-	$(VENV)/bin/ruff check raysl tests
+	$(VENV)/bin/ruff check raysl tests infra
 	$(VENV)/bin/mypy
 
 unit: venv

@@ -1,8 +1,8 @@
 """I-JEPA learns: a short pretraining on digits beats the same ViT at random init on a held-out kNN.
 
-In-process (no Ray, the loop's own optimizer, LR and weight-decay schedules, masks and momentum update)
-so that it fits the suite's budget. Labels are used only by the kNN: the bank is the pretraining
-images, the queries are 500 digits never trained on.
+In-process (`raysl.train.local`: the loop's optimizer, LR and weight-decay schedules, masks and momentum
+update, in the loop's order, without Ray) so that it fits the suite's budget. Labels are used only by the
+kNN: the bank is the pretraining images, the queries are 500 digits never trained on.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from raysl.data.views import EvalView
 from raysl.demo import demo_config, digit_png
 from raysl.eval.knn import knn_top1
 from raysl.methods import get_method
+from raysl.train.local import pretrain_in_process
 from raysl.train.online_eval import extract
-from raysl.train.optim import apply_weight_decay, build_optimizer, build_scheduler, weight_decay_at
 
 STEPS = 200
 
@@ -50,38 +50,17 @@ def _held_out_knn(encoder: torch.nn.Module, digits: dict[str, np.ndarray], cfg: 
     return knn_top1(f[500:], y[500:], f[:500], y[:500])
 
 
-def _pretrain(cfg: PretrainConfig, digits: dict[str, np.ndarray]) -> tuple[torch.nn.Module, list[float]]:
-    torch.manual_seed(0)
-    method_cls = get_method("ijepa")
-    model, view = method_cls.build(cfg), method_cls.view_transform(cfg)
-    steps, bs = cfg.train.steps, cfg.train.batch_size
-    opt = build_optimizer(model, cfg.optim, bs)
-    sched = build_scheduler(opt, cfg.optim, steps)
-    rng, losses = np.random.default_rng(1), []
-    for step in range(steps):
-        idx = rng.choice(np.arange(500, len(digits["png"])), bs, replace=False)  # never the held-out 500
-        batch = view({"image": digits["png"][idx], "key": digits["key"][idx]})
-        apply_weight_decay(opt, weight_decay_at(cfg.optim, step, steps))
-        loss = model(model.collate({"image": torch.from_numpy(batch["image"])}, step, 0))["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step_update(step + 1)
-        model.on_step_end(step + 1, steps)
-        losses.append(float(loss))
-    return model, losses
-
-
 def test_short_pretraining_beats_random_init_on_held_out_knn(digits: dict[str, np.ndarray]) -> None:
-    # Measured here (200 steps): random init 0.560, context encoder 0.686, EMA target 0.610. In short runs
+    # Measured here (200 steps): random init 0.560, context encoder 0.654, EMA target 0.598. In short runs
     # the target lags (it averages in the weights of the first steps, whose features dip below random
     # init), so the context encoder carries the margin and the target must at least beat random init.
     cfg = _config(export_encoder="context")
     torch.manual_seed(0)
     random_init = _held_out_knn(get_method("ijepa").build(cfg).encoder(), digits, cfg)
-    model, losses = _pretrain(cfg, digits)
+    model, losses = pretrain_in_process(cfg, digits["png"][500:])  # never the held-out 500
     context = _held_out_knn(model.encoder(), digits, cfg)
     target = _held_out_knn(model.target_encoder, digits, cfg)
+    print(f"held-out kNN: random init {random_init:.3f}, context {context:.3f}, target {target:.3f}")
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), losses
-    assert context > random_init + 0.07, (context, target, random_init)
-    assert target > random_init + 0.02, (context, target, random_init)
+    assert context > random_init + 0.06, (context, target, random_init)
+    assert target > random_init + 0.01, (context, target, random_init)
