@@ -98,6 +98,7 @@ class IJEPA(Method):
         self.target_encoder = make_target(self.context_encoder)
         self.tau = m.momentum[0]
         self.export_encoder = m.export_encoder
+        self.knn_k = cfg.eval.k  # the shared online kNN's k, so the two encoders' scores compare
 
     @classmethod
     def build(cls, cfg: PretrainConfig) -> IJEPA:
@@ -146,7 +147,8 @@ class IJEPA(Method):
         enc: nn.Module = getattr(self, f"{other}_encoder")
         device = next(self.context_encoder.parameters()).device
         labels = torch.as_tensor(np.asarray(data["label"]), dtype=torch.long)
-        return {f"{other}_knn_top1": split_knn(enc, np.asarray(data["image"]), labels, self.mean, self.std, device)}
+        return {f"{other}_knn_top1": split_knn(enc, np.asarray(data["image"]), labels, self.mean, self.std, device,
+                                                     self.knn_k)}
 
     def encoder(self) -> nn.Module:
         return self.target_encoder if self.export_encoder == "target" else self.context_encoder

@@ -22,9 +22,10 @@ def _model(**model):
     return get_method("ijepa").build(cfg)
 
 
-def _model_with(**method):
+def _model_with(eval_k: int = 20, **method):
     cfg = parse_config({
         "data": {"uri": "/x"},
+        "eval": {"k": eval_k},
         "method": {"name": "ijepa", "predictor_depth": 2, "predictor_width": 96, "predictor_heads": 3, **method},
         "model": {"backbone": "vit_tiny_patch16_224", "image_size": 32, "patch_size": 4},
     })
@@ -116,10 +117,11 @@ def test_encoder_is_the_target_with_average_pooling() -> None:
 def test_online_metrics_score_the_encoder_that_is_not_exported(export: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import raysl.train.online_eval as online_eval
 
-    model = _model_with(export_encoder=export)
+    model = _model_with(eval_k=7, export_encoder=export)
     scored: list[nn.Module] = []
 
     def fake_knn(encoder: nn.Module, images, labels, mean, std, device, k: int = 20) -> float:
+        assert k == 7  # eval.k, as the shared online kNN uses
         scored.append(encoder)
         assert images.shape == (6, 3, 32, 32) and labels.tolist() == [0, 1, 0, 1, 0, 1]
         return 0.5
