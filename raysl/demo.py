@@ -29,22 +29,31 @@ def digit_png(pixels: np.ndarray, size: int = 32) -> bytes:
     return buf.getvalue()
 
 
-def write_digits(root: Path, *, n_test: int = 500, shards: int = 4, seed: int = 0) -> dict[str, Path]:
-    """Write train/ and test/ Parquet shards (image bytes, label, key); returns both folders."""
+def shuffled_digits(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 digits as 32 px PNG bytes in a seeded order: (pngs, labels, original indices).
+    The demo, its learning test and the I-JEPA diagnostics hold out the first 500 of this order."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     order = np.random.default_rng(seed).permutation(len(digits.target))
-    splits = {"test": order[:n_test], "train": order[n_test:]}
+    pngs = np.array([digit_png(digits.data[i]) for i in order], dtype=object)
+    return pngs, digits.target[order], order
+
+
+def write_digits(root: Path, *, n_test: int = 500, shards: int = 4, seed: int = 0) -> dict[str, Path]:
+    """Write train/ and test/ Parquet shards (image bytes, label, key); returns both folders."""
+    pngs, labels, order = shuffled_digits(seed)
+    positions = np.arange(len(order))
+    splits = {"test": positions[:n_test], "train": positions[n_test:]}
     out: dict[str, Path] = {}
     for split, idx in splits.items():
         folder = root / split
         folder.mkdir(parents=True, exist_ok=True)
         for s, part in enumerate(np.array_split(idx, shards)):
             table = pa.table({
-                "image": pa.array([digit_png(digits.data[i]) for i in part], type=pa.binary()),
-                "label": pa.array([str(digits.target[i]) for i in part]),
-                "key": pa.array([f"digit-{i:05d}" for i in part]),
+                "image": pa.array(list(pngs[part]), type=pa.binary()),
+                "label": pa.array([str(labels[i]) for i in part]),
+                "key": pa.array([f"digit-{order[i]:05d}" for i in part]),
             })
             pq.write_table(table, folder / f"part-{s:03d}.parquet")
         out[split] = folder

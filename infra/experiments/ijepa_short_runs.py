@@ -32,14 +32,10 @@ log = logging.getLogger("ijepa_short_runs")
 def load(data: str, cifar_root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train bytes, train labels, held-out bytes, held-out labels)."""
     if data == "digits":
-        from sklearn.datasets import load_digits
+        from raysl.demo import shuffled_digits
 
-        from raysl.demo import digit_png
-
-        d = load_digits()
-        order = np.random.default_rng(0).permutation(len(d.target))
-        pngs = np.array([digit_png(d.data[i]) for i in order], dtype=object)
-        return pngs[500:], d.target[order][500:], pngs[:500], d.target[order][:500]
+        pngs, labels, _ = shuffled_digits()
+        return pngs[500:], labels[500:], pngs[:500], labels[:500]
     tr: list[bytes] = []
     te: list[bytes] = []
     tr_y: list[int] = []

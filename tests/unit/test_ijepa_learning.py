@@ -15,7 +15,7 @@ import torch
 
 from raysl.config import PretrainConfig, parse_config
 from raysl.data.views import EvalView
-from raysl.demo import demo_config, digit_png
+from raysl.demo import demo_config, shuffled_digits
 from raysl.eval.knn import knn_top1
 from raysl.methods import get_method
 from raysl.train.local import pretrain_in_process
@@ -34,14 +34,9 @@ def _config(**method: object) -> PretrainConfig:
 
 @pytest.fixture(scope="module")
 def digits() -> dict[str, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    order = np.random.default_rng(0).permutation(len(d.target))
-    pngs = np.array([digit_png(d.data[i]) for i in order], dtype=object)
-    keys = np.array([f"d{i}" for i in order])
-    images = EvalView(32, 10**8)({"image": pngs, "key": keys})["image"]
-    return {"png": pngs, "key": keys, "image": images, "label": d.target[order]}
+    pngs, labels, order = shuffled_digits()
+    images = EvalView(32, 10**8)({"image": pngs, "key": order.astype(str)})["image"]
+    return {"png": pngs, "image": images, "label": labels}
 
 
 def _held_out_knn(encoder: torch.nn.Module, digits: dict[str, np.ndarray], cfg: PretrainConfig) -> float:
