@@ -186,19 +186,6 @@ def save_full_dir(folder: Path, model: nn.Module, config: dict[str, Any]) -> Non
     (folder / FULL_CONFIG).write_text(json.dumps(config, indent=2))
 
 
-def load_full_dir(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a method exported by `save_full_dir` → (module in eval mode, its config tree)."""
-    from raysl.config import PretrainConfig
-    from raysl.methods import get_method
-
-    tree = json.loads((folder / FULL_CONFIG).read_text())
-    cfg = PretrainConfig.model_validate(tree)
-    model = get_method(cfg.method.name).build(cfg)
-    model.load_state_dict(load_file(str(folder / FULL_WEIGHTS)))
-    model.eval()
-    return model, tree
-
-
 def load_encoder_dir(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     from raysl.models.backbones import create_backbone
 
@@ -266,14 +253,14 @@ def registry_version(model_uri: str, uri: str | None = None) -> tuple[str | None
     return getattr(mv, "model_id", None), str(mv.version)
 
 
-def load_full_model(model_uri: str, uri: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Load the whole method registered with an encoder (CLIP: both towers) → (module, config tree)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = _artifact_dir(model_uri, uri, FULL_CONFIG, tmp)
-        if folder is None:
-            raise ValueError(f"{model_uri} holds only an encoder, not a whole model (no {FULL_CONFIG}); "
-                             "zero-shot needs a method that registers both towers, such as clip")
-        return load_full_dir(folder)
+def download_full_dir(model_uri: str, uri: str | None, tmp: str) -> Path:
+    """Download the whole method registered beside an encoder (`save_full_dir`) into `tmp`; its folder.
+    Rebuilding it is the method layer's job (raysl.methods.export), not tracking's."""
+    folder = _artifact_dir(model_uri, uri, FULL_CONFIG, tmp)
+    if folder is None:
+        raise ValueError(f"{model_uri} holds only an encoder, not a whole model (no {FULL_CONFIG}); "
+                         "this needs a model registered whole, such as clip or a fine-tuned classifier")
+    return folder
 
 
 def load_encoder(model_uri: str, uri: str | None = None) -> tuple[nn.Module, dict[str, Any], str | None]:

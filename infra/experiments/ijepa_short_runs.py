@@ -19,12 +19,11 @@ import torch
 
 from raysl.config import load_config
 from raysl.data.views import EvalView
-from raysl.eval.knn import knn_top1
+from raysl.eval.knn import extract, knn_top1
 from raysl.methods import get_method
 from raysl.methods.base import Method
 from raysl.methods.ijepa import IJEPA
 from raysl.train.local import pretrain_in_process
-from raysl.train.online_eval import extract
 
 log = logging.getLogger("ijepa_short_runs")
 

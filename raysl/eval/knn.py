@@ -1,9 +1,16 @@
-"""Weighted kNN classifier on frozen features (k=20, cosine, votes exp(sim/T), T=0.07; as in solo-learn)."""
+"""Weighted kNN classifier on frozen features (k=20, cosine, votes exp(sim/T), T=0.07; as in solo-learn),
+and the feature extraction it scores (uint8 images → an encoder's features, in eval mode)."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+
+from raysl.data.views import normalize
 
 
 @torch.no_grad()
@@ -26,3 +33,24 @@ def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
              k: int = 20, temperature: float = 0.07) -> float:
     pred = knn_predict(train_x, train_y, test_x, k=k, temperature=temperature)
     return float((pred == test_y).float().mean())
+
+
+@torch.no_grad()
+def extract(encoder: nn.Module, images: np.ndarray, mean: Any, std: Any, device: torch.device,
+            batch_size: int = 256) -> torch.Tensor:
+    """Features (N, D) of uint8 images (N, 3, H, W) with the encoder in eval mode."""
+    was_training = encoder.training
+    encoder.eval()
+    feats = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[i : i + batch_size]).to(device)
+        feats.append(encoder(normalize(x, mean, std)).float().cpu())
+    encoder.train(was_training)
+    return torch.cat(feats)
+
+
+def split_knn(encoder: nn.Module, images: np.ndarray, labels: torch.Tensor, mean: Any, std: Any,
+              device: torch.device, k: int = 20) -> float:
+    """kNN top-1 of `encoder` on a labeled split: even-indexed samples are the bank, odd ones the queries."""
+    f = extract(encoder, images, mean, std, device)
+    return knn_top1(f[0::2], labels[0::2], f[1::2], labels[1::2], k=k)

@@ -18,6 +18,7 @@ from raysl.data.views import EvalView
 from raysl.eval.embed import collect, embed
 from raysl.eval.knn import knn_top1
 from raysl.eval.linear_probe import linear_probe_top1
+from raysl.methods.export import load_full_model
 from raysl.storage import S3Settings
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def zero_shot_probe(model_uri: str, data_uri: str, *, label_column: str | None =
     from raysl.train.launch import load_labeled
 
     uri = tracking.tracking_uri(tracking_uri)
-    model, tree = tracking.load_full_model(model_uri, uri)
+    model, tree = load_full_model(model_uri, uri)
     model_id, version = tracking.registry_version(model_uri, uri)  # for _log; no second download
     spec = {"registered_version": version} if version is not None else {}
     cfg = PretrainConfig.model_validate(tree)

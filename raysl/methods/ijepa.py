@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from raysl.config import IJEPAConfig, PretrainConfig
 from raysl.data.masks import MaskSpec, sample_masks
 from raysl.data.views import OneView, normalize
+from raysl.eval.knn import split_knn
 from raysl.methods.base import BatchFn, Method, backbone_kwargs, method_config, register
 from raysl.methods.momentum import ema_update, linear_tau, make_target
 from raysl.models.backbones import create_backbone
@@ -141,8 +142,6 @@ class IJEPA(Method):
     def online_metrics(self, data: dict[str, Any]) -> dict[str, float]:
         """The shared kNN follows the exported encoder; this adds the other one. In short runs the EMA target
         lags the context encoder (it averages weights from the early steps, whose features are worst)."""
-        from raysl.train.online_eval import split_knn
-
         other = "context" if self.export_encoder == "target" else "target"
         enc: nn.Module = getattr(self, f"{other}_encoder")
         device = next(self.context_encoder.parameters()).device

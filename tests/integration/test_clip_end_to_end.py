@@ -16,7 +16,8 @@ from raysl.cli import main as cli
 from raysl.config import parse_config
 from raysl.data.synthetic import scenes
 from raysl.eval.probe import zero_shot_probe
-from raysl.tracking import load_encoder, load_full_model
+from raysl.methods.export import load_full_model
+from raysl.tracking import load_encoder
 from raysl.train.launch import pretrain
 
 from .conftest import S3

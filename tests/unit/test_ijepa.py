@@ -115,7 +115,7 @@ def test_encoder_is_the_target_with_average_pooling() -> None:
 
 @pytest.mark.parametrize("export", ["target", "context"])
 def test_online_metrics_score_the_encoder_that_is_not_exported(export: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import raysl.train.online_eval as online_eval
+    import raysl.methods.ijepa as ijepa_module
 
     model = _model_with(eval_k=7, export_encoder=export)
     scored: list[nn.Module] = []
@@ -126,7 +126,7 @@ def test_online_metrics_score_the_encoder_that_is_not_exported(export: str, monk
         assert images.shape == (6, 3, 32, 32) and labels.tolist() == [0, 1, 0, 1, 0, 1]
         return 0.5
 
-    monkeypatch.setattr(online_eval, "split_knn", fake_knn)
+    monkeypatch.setattr(ijepa_module, "split_knn", fake_knn)
     data = {"image": torch.zeros(6, 3, 32, 32, dtype=torch.uint8).numpy(), "label": [0, 1] * 3}
     other = "context" if export == "target" else "target"
     assert model.online_metrics(data) == {f"{other}_knn_top1": 0.5}

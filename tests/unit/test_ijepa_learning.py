@@ -16,10 +16,9 @@ import torch
 from raysl.config import PretrainConfig, parse_config
 from raysl.data.views import EvalView
 from raysl.demo import demo_config, shuffled_digits
-from raysl.eval.knn import knn_top1
+from raysl.eval.knn import extract, knn_top1
 from raysl.methods import get_method
 from raysl.train.local import pretrain_in_process
-from raysl.train.online_eval import extract
 
 STEPS = 200
 
