@@ -1,4 +1,4 @@
-"""The `raysl` command: pretrain, probe, embed, data shard, demo, bench.
+"""The `raysl` command: pretrain, probe, finetune, embed, data shard, demo, bench.
 
 Local by default (a Ray cluster started in-process, MLflow in ./mlflow.db); `--address` or $RAY_ADDRESS
 and $MLFLOW_TRACKING_URI point the same command at a cluster and a tracking server.
@@ -52,6 +52,29 @@ def cmd_probe(args: argparse.Namespace) -> int:
     rep = probe(args.model, args.data, test_uri=args.test_data, label_column=args.label_column,
                 baseline=not args.no_baseline, raw_pixels=args.raw_pixels, k=args.k)
     print(f"{args.model}: {rep.n_train} train / {rep.n_test} test samples\n{rep.table()}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from raysl.eval import finetune
+    from raysl.train.launch import init_ray
+
+    init_ray()
+    common = {"init": args.init, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+              "freeze_steps": args.freeze_steps, "layer_decay": args.layer_decay, "num_workers": args.workers,
+              "storage_path": args.storage_path, "seed": args.seed, "overrides": args.overrides}
+    if args.task == "classification":
+        rep = finetune.finetune_classification(args.model, args.data, args.test_data,
+                                               label_fraction=args.label_fraction,
+                                               label_column=args.label_column, **common)
+        metrics: tuple[str, ...] = ("test_top1",)
+    else:
+        from raysl.eval.finetune_detection import finetune_detection
+
+        rep = finetune_detection(args.model, args.data, args.test_data, arch=args.arch, **common)
+        metrics = ("map", "map_50")
+    print(f"\n{rep.task} fine-tuning of {args.model}: " + ", ".join(f"{v} {k}" for k, v in rep.counts.items()))
+    print(rep.table(metrics))
     return 0
 
 
@@ -122,6 +145,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image-text models (raysl-clip): zero-shot top-1 from class-name prompts, and "
                         "image<->text recall@1/5/10 where the data has captions")
     s.set_defaults(fn=cmd_probe)
+
+    s = sub.add_parser("finetune", help="fine-tune a registered encoder: classification or detection, "
+                                        "pretrained vs random init")
+    s.add_argument("--task", required=True, choices=["classification", "detection"])
+    s.add_argument("--model", required=True, help="models:/<name>@<alias> of a registered encoder")
+    s.add_argument("--data", required=True, help="labeled training data (classification: class sub-folders or a "
+                                                 "label column; detection: a folder with annotations.json)")
+    s.add_argument("--test-data", required=True, help="held-out data in the same format")
+    s.add_argument("--init", default="both", choices=["pretrained", "random", "both"],
+                   help="both: the same recipe from the registered encoder and from random init, one table")
+    s.add_argument("--label-fraction", type=float, default=1.0, help="classification: a seeded, stratified "
+                                                                     "fraction of the labels (0.01, 0.1, …)")
+    s.add_argument("--label-column")
+    s.add_argument("--arch", default="fasterrcnn", choices=["fasterrcnn", "retinanet", "fcos"])
+    s.add_argument("--steps", type=int, default=200)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--freeze-steps", type=int, default=0, help="train only the head for the first K steps")
+    s.add_argument("--layer-decay", type=float, help="layer-wise LR decay, e.g. 0.75")
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--storage-path", default="./raysl-runs")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. optim.weight_decay=0.1")
+    s.set_defaults(fn=cmd_finetune)
 
     s = sub.add_parser("embed", help="export embeddings of a registered encoder to Parquet")
     s.add_argument("--model", required=True)

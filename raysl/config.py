@@ -10,18 +10,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from raysl.config_base import ConfigError, Strict
+from raysl.config_tasks import ClassifyConfig, DetectConfig
 
 MAX_IMAGE_PIXELS = 40_000_000  # decompression-bomb guard shared by training, probing, embedding and sharding
 _SECRET_KEY = re.compile(r"(secret|password|token|credential|access_key|session_key)", re.IGNORECASE)
-
-
-class ConfigError(ValueError):
-    """A configuration problem a user can fix; the message names the field."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class DataConfig(Strict):
@@ -35,6 +30,8 @@ class DataConfig(Strict):
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, gt=0, description="decompression-bomb guard")
     shuffle_buffer: int = Field(2048, ge=0, description="rows in each worker's local shuffle buffer")
     limit: int | None = Field(None, gt=0, description="read at most this many samples")
+    deterministic: bool = Field(False, description="keep Ray Data's row order (seeded file shuffle + preserve_order):"
+                                " two runs see the same data order, at some cost in throughput")
 
     @field_validator("uri")
     @classmethod
@@ -123,7 +120,8 @@ class CLIPConfig(Strict):
     flip_p: float = 0.0
 
 
-MethodConfig = Annotated[Union[BYOLConfig, IJEPAConfig, CLIPConfig], Field(discriminator="name")]  # noqa: UP007
+MethodConfig = Annotated[Union[BYOLConfig, IJEPAConfig, CLIPConfig, ClassifyConfig, DetectConfig],  # noqa: UP007
+                         Field(discriminator="name")]
 
 
 class OptimConfig(Strict):
@@ -162,6 +160,8 @@ class TrackingConfig(Strict):
     experiment: str = "raysl"
     register_as: str | None = Field(None, description="registered model name; default raysl-<method>-encoder")
     alias: str = "candidate"
+    tags: dict[str, str] = Field(default_factory=dict, description="extra tags on the run and the registered "
+                                 "version (downstream jobs record their source encoder here: lineage)")
 
 
 class OnlineEvalConfig(Strict):

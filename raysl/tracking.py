@@ -45,6 +45,11 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
+def client(uri: str) -> Any:
+    """An MlflowClient for `uri`, with short HTTP retries (an outage fails fast instead of backing off)."""
+    return _client(uri)
+
+
 def experiment_id(uri: str, name: str) -> str:
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
@@ -166,13 +171,17 @@ def _pyfunc_class() -> type:
     return EncoderPyfunc
 
 
+FULL_WEIGHTS, FULL_CONFIG, TIMM_CONFIG = "model.safetensors", "model.json", "timm_config.json"
+
+
 def save_encoder_dir(folder: Path, encoder: nn.Module, spec: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    from raysl.models.backbones import timm_config
+
     _save_weights(encoder, folder / "encoder.safetensors")
     (folder / "encoder.json").write_text(json.dumps(spec, indent=2))
-
-
-FULL_WEIGHTS, FULL_CONFIG = "model.safetensors", "model.json"
+    # timm's own key names are what the encoder already has; this lets plain timm rebuild it (README)
+    (folder / TIMM_CONFIG).write_text(json.dumps(timm_config(spec), indent=2))
 
 
 def _save_weights(module: nn.Module, path: Path) -> None:
@@ -210,7 +219,8 @@ def register_encoder(uri: str, run_id: str, encoder: nn.Module, spec: dict[str, 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "encoder"
         save_encoder_dir(folder, encoder, spec)
-        artifacts = {"weights": str(folder / "encoder.safetensors"), "spec": str(folder / "encoder.json")}
+        artifacts = {"weights": str(folder / "encoder.safetensors"), "spec": str(folder / "encoder.json"),
+                     "timm_config": str(folder / TIMM_CONFIG)}
         if full_dir is not None and (full_dir / FULL_WEIGHTS).exists():
             artifacts.update(full_weights=str(full_dir / FULL_WEIGHTS), full_config=str(full_dir / FULL_CONFIG))
         example = np.zeros((2, 3, spec["image_size"], spec["image_size"]), dtype=np.uint8)
@@ -245,12 +255,36 @@ def _artifact_dir(model_uri: str, uri: str | None, filename: str, tmp: str) -> P
 
 
 def registry_version(model_uri: str, uri: str | None = None) -> tuple[str | None, str | None]:
-    """(logged model id, registered version) of `models:/<name>@<alias>`; (None, None) for other URIs."""
-    if not (model_uri.startswith("models:/") and "@" in model_uri):
+    """(logged model id, registered version) of `models:/<name>@<alias>` or `models:/<name>/<version>`;
+    (None, None) for other URIs. A name, alias or version that does not exist is a ValueError that lists what
+    the registry holds."""
+    if not model_uri.startswith("models:/"):
         return None, None
-    name, alias = model_uri[len("models:/") :].split("@", 1)
-    mv = _client(tracking_uri(uri)).get_model_version_by_alias(name, alias)
+    ref = model_uri[len("models:/") :]
+    client = _client(tracking_uri(uri))
+    try:
+        if "@" in ref:
+            mv = client.get_model_version_by_alias(*ref.split("@", 1))
+        elif "/" in ref:
+            mv = client.get_model_version(*ref.split("/", 1))
+        else:
+            return None, None
+    except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types for a missing entry
+        raise ValueError(registry_help(client, ref, exc)) from None
     return getattr(mv, "model_id", None), str(mv.version)
+
+
+def registry_help(client: Any, ref: str, exc: Exception) -> str:
+    """What the registry holds, for an error about a model reference that does not resolve."""
+    name = ref.split("@")[0].split("/")[0]
+    try:
+        names = sorted(m.name for m in client.search_registered_models(max_results=200))
+    except Exception:  # noqa: BLE001 - the original error is what matters; the listing is a courtesy
+        return f"models:/{ref} not found ({exc})"
+    if name not in names:
+        return f"models:/{ref}: no registered model {name!r}; registered models: {names or 'none'}"
+    aliases = sorted(client.get_registered_model(name).aliases)
+    return f"models:/{ref} not found; {name!r} has aliases {aliases or 'none'} ({type(exc).__name__})"
 
 
 def download_full_dir(model_uri: str, uri: str | None, tmp: str) -> Path:
@@ -265,6 +299,7 @@ def download_full_dir(model_uri: str, uri: str | None, tmp: str) -> Path:
 
 def load_encoder(model_uri: str, uri: str | None = None) -> tuple[nn.Module, dict[str, Any], str | None]:
     """Load `models:/<name>@<alias>` (or any model URI) → (encoder in eval mode, spec, model_id)."""
+    registry_version(model_uri, uri)  # a missing name or alias fails here, listing what the registry holds
     with tempfile.TemporaryDirectory() as tmp:
         folder = _artifact_dir(model_uri, uri, "encoder.json", tmp)
         if folder is None:

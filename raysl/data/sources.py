@@ -126,6 +126,7 @@ def read_images(
     shuffle_files: bool = False,
     rows_per_block: int | None = 64,
     caption_column: str | None = None,
+    shuffle_seed: int | None = None,
 ) -> ray.data.Dataset:
     """Open an image corpus as a stream of {image: bytes, key: str[, label: str][, caption: str]} rows.
 
@@ -141,7 +142,10 @@ def read_images(
     if not files:
         raise StorageError(f"data URI {redact(uri)!r} holds no {fmt} files")
     fs, _ = resolve(uri, s3)
-    shuffle: Literal["files"] | None = "files" if shuffle_files else None
+    # A seeded file order (reseeded each epoch) makes a run's data order reproducible; None: unseeded.
+    shuffle: ray.data.FileShuffleConfig | Literal["files"] | None = None
+    if shuffle_files:
+        shuffle = "files" if shuffle_seed is None else ray.data.FileShuffleConfig(seed=shuffle_seed)
     log.info("reading %d %s file(s) from %s", len(files), fmt, redact(uri))
     ds: ray.data.Dataset
     if fmt == "images":
@@ -187,14 +191,26 @@ def read_images(
     return ds
 
 
+def read_labels(uri: str, *, fmt: str = "auto", s3: S3Settings | None = None,
+                label_column: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, label names) of a labeled corpus, in one pass over its key and label columns."""
+    ds = read_images(uri, fmt=fmt, s3=s3, with_labels=True, label_column=label_column, rows_per_block=None)
+    parts = list(ds.select_columns(["key", "label"]).iter_batches(batch_size=4096, batch_format="numpy"))
+    if not parts:
+        raise ValueError(f"labeled data {redact(uri)!r} yielded no samples")
+    return (np.concatenate([p["key"] for p in parts]).astype(str),
+            np.concatenate([p["label"] for p in parts]).astype(str))
+
+
 def source_columns(uri: str, fmt: str = "auto", s3: S3Settings | None = None,
-                   caption_column: str = "caption") -> set[str]:
+                   caption_column: str = "caption", label_column: str | None = None) -> set[str]:
     """Columns a source offers after normalisation, checked against a method's required columns."""
     files = list_files(uri, s3)
     fmt = detect_format(files) if fmt == "auto" else fmt
     if fmt == "parquet":
         cols = set(parquet_columns(uri, s3))
-        return cols | {"image", "key"} | ({"caption"} if caption_column in cols else set())
+        return (cols | {"image", "key"} | ({"caption"} if caption_column in cols else set())
+                | ({"label"} if label_column in cols else set()))
     if fmt == "webdataset":  # captions are per sample (`txt`/`json`); missing ones are counted, not fatal
         return {"image", "key", "label", "caption"}
     return {"image", "key", "label"}

@@ -73,8 +73,22 @@ class Method(nn.Module, ABC):
         return f"raysl-{cls.name}-encoder"
 
     def collate(self, batch: dict[str, torch.Tensor], step: int, rank: int) -> dict[str, torch.Tensor]:
-        """Worker-side additions to a batch (I-JEPA masks); identity by default."""
+        """Worker-side additions to a batch (I-JEPA masks); identity by default. `step` is the step about to run."""
         return batch
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]] | None:
+        """Optimizer parameter groups (a group may carry `lr_scale`, which timm's schedulers honour), or None
+        for the default: every trainable parameter, biases and norms without weight decay."""
+        return None
+
+    def ddp_kwargs(self) -> dict[str, Any]:
+        """Extra DistributedDataParallel arguments: a method whose steps leave some parameters without a
+        gradient (a frozen encoder during a warm-up) asks for find_unused_parameters."""
+        return {}
+
+    #: config fields (of the method section) that only the run needs, such as files it reads at build time;
+    #: they are left out of the exported config, so a downstream rebuild does not look for them
+    run_only_fields: ClassVar[tuple[str, ...]] = ()
 
 
 M = TypeVar("M", bound=type[Method])
@@ -128,4 +142,6 @@ def export_config(cfg: PretrainConfig) -> dict[str, Any]:
     """The config that rebuilds the whole method downstream; where the data lived is not part of it."""
     tree = cfg.model_dump(mode="json", include={"method", "model", "data"})
     tree["data"] = {"uri": "exported"}
+    for key in get_method(cfg.method.name).run_only_fields:
+        tree["method"].pop(key, None)
     return tree

@@ -8,6 +8,32 @@ import timm
 import torch.nn as nn
 
 
+def timm_args(name: str, image_size: int | None, patch_size: int | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """The `timm.create_model` arguments (beside the name) that build a raysl encoder: no classifier, the
+    configured image and patch size for ViTs, and any extra arguments."""
+    args: dict[str, Any] = {"num_classes": 0, **extra}
+    if image_size is not None and name.startswith(("vit", "deit", "eva")):
+        args["img_size"] = image_size
+    if patch_size is not None:
+        args["patch_size"] = patch_size
+    return args
+
+
+def timm_config(spec: dict[str, Any]) -> dict[str, Any]:
+    """A small config beside the exported weights so plain timm rebuilds and loads the encoder:
+    `timm.create_model(c["architecture"], pretrained=True, pretrained_cfg_overlay={"file": weights,
+    **c["pretrained_cfg"]}, **c["model_args"])`. A CIFAR-stem ResNet has a stem timm cannot build by
+    arguments: `cifar_stem` says so, and the README gives the two lines that swap it before loading."""
+    s = spec["image_size"]
+    return {
+        "architecture": spec["backbone"],
+        "model_args": timm_args(spec["backbone"], s, spec.get("patch_size"), dict(spec.get("backbone_kwargs", {}))),
+        "pretrained_cfg": {"num_classes": 0, "input_size": [3, s, s], "mean": list(spec["mean"]),
+                           "std": list(spec["std"])},
+        "cifar_stem": bool(spec.get("cifar_stem")),
+    }
+
+
 def create_backbone(name: str, *, cifar_stem: bool = False, image_size: int | None = None,
                     patch_size: int | None = None, **extra: Any) -> nn.Module:
     """Build `name` from timm without pretrained weights; returns a module with `.num_features`.
@@ -15,11 +41,7 @@ def create_backbone(name: str, *, cifar_stem: bool = False, image_size: int | No
     cifar_stem swaps a ResNet's 7×7 stride-2 conv + max-pool for a 3×3 stride-1 conv, the usual
     change for 32 px images.
     """
-    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0, **extra}
-    if image_size is not None and name.startswith(("vit", "deit", "eva")):
-        kwargs["img_size"] = image_size
-    if patch_size is not None:
-        kwargs["patch_size"] = patch_size
+    kwargs: dict[str, Any] = {"pretrained": False, **timm_args(name, image_size, patch_size, extra)}
     try:
         model = timm.create_model(name, **kwargs)
     except RuntimeError as exc:

@@ -110,7 +110,8 @@ def _read_state(uri: str, s3: S3Settings) -> dict[str, Any]:
 def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
     method_cls = get_method(cfg.method.name)
     s3 = S3Settings.resolve(cfg.s3.endpoint_url, cfg.s3.region)
-    missing = method_cls.required_columns - source_columns(cfg.data.uri, cfg.data.format, s3, cfg.data.caption_column)
+    missing = method_cls.required_columns - source_columns(cfg.data.uri, cfg.data.format, s3, cfg.data.caption_column,
+                                                           cfg.data.label_column)
     if missing:
         raise ValueError(f"data {redact(cfg.data.uri)!r} lacks column(s) {sorted(missing)} "
                          f"that method {cfg.method.name!r} needs")
@@ -128,7 +129,8 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
                               state["checkpoint"], state.get("metrics", {}))
 
     params = flatten(cfg.model_dump(mode="json"))
-    tags = {"raysl.method": cfg.method.name, "raysl.run_name": name, "data_uri": redact(cfg.data.uri)}
+    tags = {"raysl.method": cfg.method.name, "raysl.run_name": name, "data_uri": redact(cfg.data.uri),
+            **cfg.tracking.tags}
     if commit := tracking.git_commit():
         tags["git_commit"] = commit
     try:
@@ -142,9 +144,13 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
 
     init_ray()
     captions = cfg.data.caption_column if "caption" in method_cls.required_columns else None
+    labels = "label" in method_cls.required_columns
     ds = read_images(cfg.data.uri, fmt=cfg.data.format, s3=s3, image_column=cfg.data.image_column,
-                     limit=cfg.data.limit, shuffle_files=True, caption_column=captions)
+                     limit=cfg.data.limit, shuffle_files=True, caption_column=captions, with_labels=labels,
+                     label_column=cfg.data.label_column if labels else None, shuffle_seed=cfg.train.seed)
     ds = ds.map_batches(method_cls.view_transform(cfg), batch_size=64, batch_format="numpy")
+    if cfg.data.deterministic:
+        ds.context.execution_options.preserve_order = True
     eval_ref = None
     if cfg.eval.uri:
         labeled = load_labeled(cfg.eval.uri, cfg, s3, cfg.eval.label_column, cfg.eval.max_samples)
@@ -174,7 +180,7 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
     version = "unregistered"
     with result.checkpoint.as_directory() as d:
         encoder, spec = tracking.load_encoder_dir(Path(d))
-        spec.update(describe_encoder(cfg), source_run=run_id)
+        spec.update(describe_encoder(cfg), source_run=run_id, **cfg.tracking.tags)
         if run_id:
             try:
                 tracking.set_tags(uri, run_id, {"raysl.checkpoint": redact(result.checkpoint.path),

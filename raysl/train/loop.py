@@ -122,7 +122,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         if rank == 0:  # saved counters are global sums; the other ranks count from zero
             counters.update(state["counters"])
         log.info("rank %d resumed at step %d", rank, start)
-    model = ray.train.torch.prepare_model(method)
+    model = ray.train.torch.prepare_model(method, parallel_strategy_kwargs=method.ddp_kwargs() or None)
 
     tracker = MetricLogger(loop_cfg.get("tracking_uri"), loop_cfg.get("run_id")) if rank == 0 else None
     if tracker is not None and ckpt is not None:

@@ -14,6 +14,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
 from raysl.config import OptimConfig
+from raysl.methods.base import Method
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -25,10 +26,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int) -> to
     kwargs: dict[str, Any] = {}
     if cfg.name in ("lars", "sgd"):
         kwargs["momentum"] = cfg.momentum
-    # timm's param groups skip requires_grad=False parameters, so EMA targets are never optimized.
+    # A method may bring its own groups (layer-wise LR decay); otherwise timm's, which skip requires_grad=False
+    # parameters, so EMA targets are never optimized.
+    groups = model.param_groups(cfg.weight_decay) if isinstance(model, Method) else None
     return create_optimizer_v2(
-        model, opt=cfg.name, lr=scaled_lr(cfg, global_batch), weight_decay=cfg.weight_decay,
-        filter_bias_and_bn=True, **kwargs,
+        groups if groups is not None else model, opt=cfg.name, lr=scaled_lr(cfg, global_batch),
+        weight_decay=cfg.weight_decay, filter_bias_and_bn=True, **kwargs,
     )
 
 
