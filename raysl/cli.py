@@ -89,7 +89,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     init_ray()
     _, spec, _ = load_encoder(args.model)
     ds = read_images(args.data).map_batches(EvalView(spec["image_size"], MAX_IMAGE_PIXELS), batch_size=256)
-    out = embed(ds, args.model, concurrency=args.concurrency).select_columns(["key", "embedding"])
+    out = embed(ds, args.model, concurrency=args.concurrency, gpus=args.gpus).select_columns(["key", "embedding"])
     fs, path = storage.resolve(args.out)
     out.write_parquet(path, filesystem=fs)
     print(f"embeddings written to {storage.redact(args.out)}")
@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True)
     s.add_argument("--data", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--concurrency", type=int, default=1)
+    s.add_argument("--concurrency", type=int, default=1, help="encoder actors (each loads the model once)")
+    s.add_argument("--gpus", type=float, default=0.0, help="GPUs per actor, e.g. 1 (or 0.5 to share one)")
     s.set_defaults(fn=cmd_embed)
 
     d = sub.add_parser("data", help="data tools").add_subparsers(dest="data_cmd", required=True)

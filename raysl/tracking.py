@@ -91,6 +91,16 @@ def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
         client.set_tag(run_id, k, v)
 
 
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Log a few metrics from the driver; an outage is a warning, never an error."""
+    try:
+        client = _client(uri)
+        for k, v in metrics.items():
+            client.log_metric(run_id, k, v, step=step)
+    except Exception as exc:  # noqa: BLE001 - bookkeeping must not stop a run
+        log.warning("could not log %s to MLflow: %s", sorted(metrics), exc)
+
+
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     try:
         _client(uri).set_terminated(run_id, status=status)

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import ray.data
 import torch
+from ray.data.expressions import col
 
 from raysl.data.views import normalize
 from raysl.models.backbones import create_backbone
@@ -20,7 +21,9 @@ class Embedder:
     def __init__(self, model_uri: str, tracking_uri: str | None = None, with_random: bool = False,
                  with_pixels: bool = False, seed: int = 0) -> None:
         torch.set_num_threads(1)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU when Ray gave one
         self.model, self.spec, _ = load_encoder(model_uri, tracking_uri)
+        self.model.to(self.device)
         self.random = None
         if with_random:
             torch.manual_seed(seed)
@@ -33,7 +36,8 @@ class Embedder:
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = normalize(torch.from_numpy(np.ascontiguousarray(batch["image"])), self.spec["mean"], self.spec["std"])
-        out: dict[str, Any] = {"embedding": self.model(x).numpy(), "valid": batch["valid"], "key": batch["key"]}
+        emb = self.model(x.to(self.device)).float().cpu().numpy()
+        out: dict[str, Any] = {"embedding": emb, "valid": batch["valid"], "key": batch["key"]}
         if "label" in batch:
             out["label"] = batch["label"]
         if self.random is not None:
@@ -44,14 +48,17 @@ class Embedder:
 
 
 def embed(ds: ray.data.Dataset, model_uri: str, *, tracking_uri: str | None = None, with_random: bool = False,
-          with_pixels: bool = False, concurrency: int = 1, batch_size: int = 256) -> ray.data.Dataset:
-    """Map a dataset of EvalView rows to embeddings; invalid (undecodable) rows are dropped."""
+          with_pixels: bool = False, concurrency: int = 1, batch_size: int = 256,
+          gpus: float = 0.0) -> ray.data.Dataset:
+    """Map a dataset of EvalView rows to embeddings with a fixed pool of `concurrency` actors (each on `gpus`
+    GPUs when set); invalid (undecodable) rows are dropped by an Arrow-side predicate, not a Python lambda."""
     out = ds.map_batches(
-        Embedder, batch_size=batch_size, concurrency=concurrency, batch_format="numpy",
+        Embedder, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_gpus=gpus or None,
         fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri,
                                "with_random": with_random, "with_pixels": with_pixels},
     )
-    return out.filter(lambda row: bool(row["valid"]))
+    return out.filter(expr=col("valid"))
 
 
 def collect(ds: ray.data.Dataset, columns: list[str]) -> dict[str, np.ndarray]:

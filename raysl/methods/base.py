@@ -11,10 +11,13 @@ from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
+import ray.data
 import torch
 import torch.nn as nn
 
 from raysl.config import PretrainConfig
+from raysl.data.sources import read_images, source_columns
+from raysl.storage import S3Settings, redact
 
 BatchFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -41,6 +44,28 @@ class Method(nn.Module, ABC):
     @abstractmethod
     def view_transform(cls, cfg: PretrainConfig) -> BatchFn:
         """The CPU batch transform Ray Data runs before the batch reaches a training worker."""
+
+    @classmethod
+    def check_source(cls, cfg: PretrainConfig, s3: S3Settings) -> None:
+        """Fail before any worker starts if the data cannot feed this method (default: its required columns)."""
+        d = cfg.data
+        missing = cls.required_columns - source_columns(d.uri, d.format, s3, d.caption_column, d.label_column)
+        if missing:
+            raise ValueError(f"data {redact(d.uri)!r} lacks column(s) {sorted(missing)} "
+                             f"that method {cfg.method.name!r} needs")
+
+    @classmethod
+    def open_source(cls, cfg: PretrainConfig, s3: S3Settings) -> tuple[ray.data.Dataset, dict[str, int]]:
+        """The training stream before the view transform, and data-quality counts for MLflow (e.g. skipped
+        boxes). Default: images (with captions or labels where the method requires them), files in a seeded
+        order."""
+        d = cfg.data
+        captions = d.caption_column if "caption" in cls.required_columns else None
+        labels = "label" in cls.required_columns
+        ds = read_images(d.uri, fmt=d.format, s3=s3, image_column=d.image_column, limit=d.limit, shuffle_files=True,
+                         caption_column=captions, with_labels=labels, label_column=d.label_column if labels else None,
+                         shuffle_seed=cfg.train.seed)
+        return ds, {}
 
     @abstractmethod
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -80,7 +80,7 @@ class Classifier(Method):
         return {"loss": loss, "train_top1": (logits.detach().argmax(1) == y).float().mean()}
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]] | None:
-        return layer_decay_groups(self.backbone, self.head, weight_decay, self.task.layer_decay)
+        return layer_decay_groups(self.backbone, self, weight_decay, self.task.layer_decay)
 
     def ddp_kwargs(self) -> dict[str, Any]:
         return {"find_unused_parameters": True} if self.task.freeze_steps else {}

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch.nn as nn
 from safetensors.torch import load as load_safetensors
-from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from timm.optim import param_groups_layer_decay
 
 from raysl.config import PretrainConfig
 from raysl.config_tasks import DownstreamConfig
@@ -40,10 +40,10 @@ def frozen_at(task: DownstreamConfig, step: int) -> bool:
     return step <= task.freeze_steps
 
 
-def layer_decay_groups(encoder: nn.Module, head: nn.Module, weight_decay: float,
+def layer_decay_groups(encoder: nn.Module, model: nn.Module, weight_decay: float,
                        layer_decay: float | None) -> list[dict[str, Any]] | None:
-    """timm's layer-decayed groups for the encoder (each with an `lr_scale`) plus the head at full LR; None
-    without layer decay (the optimizer's default groups)."""
+    """timm's layer-decayed groups for the encoder (each with an `lr_scale`), and the rest of `model` (the
+    head, a detector's pyramid and heads) at full LR; None without layer decay (the default groups)."""
     if layer_decay is None:
         return None
     skip = set(getattr(encoder, "no_weight_decay", lambda: set())())
@@ -53,6 +53,9 @@ def layer_decay_groups(encoder: nn.Module, head: nn.Module, weight_decay: float,
     # head is the top layer here, so every encoder layer sits one step further down.
     for g in groups:
         g["lr_scale"] = g.get("lr_scale", 1.0) * layer_decay
-    for g in param_groups_weight_decay(head, weight_decay=weight_decay):
-        groups.append({**g, "lr_scale": 1.0})
-    return groups
+    mine = {id(p) for p in encoder.parameters()}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in mine]
+    # As timm's default groups: biases and norm weights (1-D) without weight decay.
+    groups.append({"params": [p for p in rest if p.ndim > 1], "weight_decay": weight_decay, "lr_scale": 1.0})
+    groups.append({"params": [p for p in rest if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": 1.0})
+    return [g for g in groups if g["params"]]

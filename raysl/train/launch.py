@@ -110,11 +110,7 @@ def _read_state(uri: str, s3: S3Settings) -> dict[str, Any]:
 def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
     method_cls = get_method(cfg.method.name)
     s3 = S3Settings.resolve(cfg.s3.endpoint_url, cfg.s3.region)
-    missing = method_cls.required_columns - source_columns(cfg.data.uri, cfg.data.format, s3, cfg.data.caption_column,
-                                                           cfg.data.label_column)
-    if missing:
-        raise ValueError(f"data {redact(cfg.data.uri)!r} lacks column(s) {sorted(missing)} "
-                         f"that method {cfg.method.name!r} needs")
+    method_cls.check_source(cfg, s3)
     name = run_name(cfg)
     state_uri = f"{cfg.train.storage_path.rstrip('/')}/{name}/{STATE_NAME}"
     state = _read_state(state_uri, s3)
@@ -143,11 +139,9 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
     log.info("MLflow run %s (%s), checkpoints under %s/%s", run_id, uri, redact(cfg.train.storage_path), name)
 
     init_ray()
-    captions = cfg.data.caption_column if "caption" in method_cls.required_columns else None
-    labels = "label" in method_cls.required_columns
-    ds = read_images(cfg.data.uri, fmt=cfg.data.format, s3=s3, image_column=cfg.data.image_column,
-                     limit=cfg.data.limit, shuffle_files=True, caption_column=captions, with_labels=labels,
-                     label_column=cfg.data.label_column if labels else None, shuffle_seed=cfg.train.seed)
+    ds, data_counts = method_cls.open_source(cfg, s3)
+    if run_id and data_counts:
+        tracking.log_metrics(uri, run_id, {f"data_{k}": float(v) for k, v in data_counts.items()}, step=0)
     ds = ds.map_batches(method_cls.view_transform(cfg), batch_size=64, batch_format="numpy")
     if cfg.data.deterministic:
         ds.context.execution_options.preserve_order = True
