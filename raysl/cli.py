@@ -62,7 +62,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     init_ray()
     common = {"init": args.init, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
               "freeze_steps": args.freeze_steps, "layer_decay": args.layer_decay, "num_workers": args.workers,
-              "storage_path": args.storage_path, "seed": args.seed, "overrides": args.overrides}
+              "storage_path": args.storage_path, "seed": args.seed, "overrides": args.overrides,
+              "image_size": args.image_size}
     if args.task == "classification":
         rep = finetune.finetune_classification(args.model, args.data, args.test_data,
                                                label_fraction=args.label_fraction,
@@ -110,7 +111,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from raysl.demo import run_demo
 
-    return run_demo(Path(args.workdir), steps=args.steps, method=args.method)
+    return run_demo(Path(args.workdir), steps=args.steps, method=args.method, downstream=args.downstream)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                      "fraction of the labels (0.01, 0.1, …)")
     s.add_argument("--label-column")
     s.add_argument("--arch", default="fasterrcnn", choices=["fasterrcnn", "retinanet", "fcos"])
+    s.add_argument("--image-size", type=int, help="default: the encoder's (CNNs may take another size)")
     s.add_argument("--steps", type=int, default=200)
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--lr", type=float, default=1e-3)
@@ -191,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", default="demo-output")
     s.add_argument("--steps", type=int, default=None, help="default: 100 (byol, clip), 250 (ijepa)")
     s.add_argument("--method", default="byol", choices=["byol", "ijepa", "clip"])
+    s.add_argument("--downstream", action="store_true", help="then fine-tune the encoder (10%% of the labels) "
+                   "and train a detector on generated scenes, each pretrained vs random init")
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("bench", help="side-by-side throughput benchmarks (ratios)")

@@ -168,38 +168,29 @@ class ImageText(OneView):
 
 class LabeledView(_Transform):
     """Supervised fine-tuning: random resized crop, flip and optionally TrivialAugment/RandAugment; the label
-    name becomes its index in `classes`. With `subset_uri` (a JSON list of keys, the labeled fraction) rows
-    outside the subset are dropped before they are decoded. A label outside `classes` is a bad sample."""
+    name becomes its index in `classes`. A label outside `classes` is a bad sample, counted like an image that
+    does not decode."""
 
     def __init__(self, image_size: int, max_pixels: int, *, classes: Sequence[str], crop_scale: tuple[float, float],
-                 flip_p: float, auto_augment: str = "none", subset_uri: str | None = None) -> None:
+                 flip_p: float, auto_augment: str = "none") -> None:
         super().__init__(image_size, max_pixels)
         self.index = {c: i for i, c in enumerate(classes)}
-        self.subset_uri = subset_uri
-        self._subset: frozenset[str] | None = None
         extra = {"none": [], "trivial": [T.TrivialAugmentWide()], "randaugment": [T.RandAugment()]}[auto_augment]
         self.pipe = T.Compose([T.RandomResizedCrop(image_size, scale=crop_scale, antialias=True),
                                T.RandomHorizontalFlip(flip_p), *extra, T.PILToTensor()])
 
-    def _keys(self) -> frozenset[str] | None:
-        if self.subset_uri is not None and self._subset is None:  # read once per Ray Data worker
-            import json
-
-            from raysl.storage import read_bytes
-
-            self._subset = frozenset(json.loads(read_bytes(self.subset_uri)))
-        return self._subset
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        subset = self._keys()
-        if subset is not None:
-            keep = np.array([str(k) in subset for k in batch["key"]], dtype=bool)
-            batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
         out = self._render(batch, {"image": self.pipe})
         labels = np.array([self.index.get(str(v), -1) for v in batch["label"]], dtype=np.int64)
         out["valid"] = out["valid"] & (labels >= 0)
         out["label"] = np.maximum(labels, 0)
         return out
+
+
+def keep_keys(batch: dict[str, np.ndarray], keys: frozenset[str]) -> dict[str, np.ndarray]:
+    """Rows whose key is in `keys` (a labeled subset), before anything is decoded."""
+    keep = np.array([str(k) in keys for k in batch["key"]], dtype=bool)
+    return {k: np.asarray(v)[keep] for k, v in batch.items()}
 
 
 class EvalView(_Transform):

@@ -96,7 +96,7 @@ def coco_map(ground_truth: list[dict], predictions: list[dict], category_names: 
     with contextlib.redirect_stdout(io.StringIO()):  # evaluate() and accumulate() print timings
         ev.evaluate()
         ev.accumulate()
-    # precision: (iou thresholds, recall points, classes, area ranges, max-dets); area "all" and 100 dets are index 0, -1
+    # precision: (IoU thresholds, recall points, classes, area ranges, max dets); area "all" is 0, 100 dets is -1
     prec = ev.eval["precision"][:, :, :, 0, -1]
     iou = ev.params.iouThrs
     out = {"map": _mean_valid(prec), "map_50": _mean_valid(prec[np.isclose(iou, 0.5)]),

@@ -85,13 +85,23 @@ def prepare_source(model_uri: str, tracking_uri: str, storage_path: str, s3: S3S
     return Source(model_uri, spec, tags, weights_uri, name.removesuffix("-encoder"))
 
 
-def model_section(spec: dict[str, Any]) -> dict[str, Any]:
-    """The config's model section that rebuilds the registered encoder and feeds it as it was trained."""
+def model_section(spec: dict[str, Any], image_size: int | None = None) -> dict[str, Any]:
+    """The config's model section that rebuilds the registered encoder and feeds it as it was trained (its
+    mean/std); `image_size` other than the recorded one only where the network takes any size (CNNs)."""
     keys = ("backbone", "cifar_stem", "image_size", "patch_size", "backbone_kwargs", "mean", "std")
     missing = [k for k in keys if k not in spec and k != "patch_size"]
     if missing:
         raise ValueError(f"the registered encoder's spec lacks {missing}: it cannot be rebuilt")
-    return {k: spec[k] for k in keys if k in spec}
+    if len(spec["mean"]) != 3 or len(spec["std"]) != 3:
+        raise ValueError(f"the registered encoder takes {len(spec['mean'])}-channel input; these tasks feed RGB")
+    section = {k: spec[k] for k in keys if k in spec}
+    if image_size is not None and image_size != spec["image_size"]:
+        if spec["backbone"].startswith(("vit", "deit", "eva")):
+            raise ValueError(f"--image-size {image_size}: the registered ViT {spec['backbone']!r} was built for "
+                             f"{spec['image_size']} px (its position table is that size); use "
+                             f"--image-size {spec['image_size']}")
+        section["image_size"] = image_size
+    return section
 
 
 def stratified_subset(keys: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> list[str]:
@@ -116,9 +126,10 @@ def check_test_labels(train_classes: list[str], test_labels: np.ndarray) -> None
 
 
 def base_tree(source: Source, *, data_uri: str, steps: int, batch_size: int, lr: float, num_workers: int,
-              storage_path: str, seed: int, tracking_uri: str, experiment: str) -> dict[str, Any]:
+              storage_path: str, seed: int, tracking_uri: str, experiment: str,
+              image_size: int | None = None) -> dict[str, Any]:
     return {
-        "model": model_section(source.spec),
+        "model": model_section(source.spec, image_size),
         "data": {"uri": data_uri, "deterministic": True},
         "optim": {"name": "adamw", "lr": lr, "scale_lr": False, "weight_decay": 0.05,
                   "warmup_steps": max(1, steps // 10)},
@@ -174,7 +185,7 @@ def finetune_classification(model_uri: str, data_uri: str, test_uri: str, *, lab
                             freeze_steps: int = 0, layer_decay: float | None = None,
                             label_column: str | None = None, num_workers: int = 2,
                             storage_path: str = "./raysl-runs", tracking_uri: str | None = None, seed: int = 0,
-                            overrides: list[str] | None = None) -> FinetuneReport:
+                            image_size: int | None = None, overrides: list[str] | None = None) -> FinetuneReport:
     s3 = S3Settings.resolve()
     uri = tracking.tracking_uri(tracking_uri)
     source = prepare_source(model_uri, uri, storage_path, s3)
@@ -194,7 +205,8 @@ def finetune_classification(model_uri: str, data_uri: str, test_uri: str, *, lab
     log.info("classification: %d of %d labeled samples (%g), %d classes, test %d, from %s", n_train, len(keys),
              label_fraction, len(classes), len(test_labels), redact(data_uri))
     tree = base_tree(source, data_uri=data_uri, steps=steps, batch_size=batch_size, lr=lr, num_workers=num_workers,
-                     storage_path=storage_path, seed=seed, tracking_uri=uri, experiment="raysl-finetune")
+                     storage_path=storage_path, seed=seed, tracking_uri=uri, experiment="raysl-finetune",
+                     image_size=image_size)
     tree["data"]["label_column"] = label_column
     tree["method"] = {"name": "classify", "classes": classes, "init_weights": source.weights_uri,
                       "subset_uri": subset_uri, "label_fraction": label_fraction, "freeze_steps": freeze_steps,

@@ -47,7 +47,8 @@ def finetune_detection(model_uri: str, data_uri: str, test_uri: str, *, arch: st
                        init: str = "both", steps: int = 200, batch_size: int = 16, lr: float = 1e-3,
                        freeze_steps: int = 0, layer_decay: float | None = None, num_workers: int = 2,
                        storage_path: str = "./raysl-runs", tracking_uri: str | None = None, seed: int = 0,
-                       annotations: str = "annotations.json", overrides: list[str] | None = None) -> FinetuneReport:
+                       annotations: str = "annotations.json", image_size: int | None = None,
+                       overrides: list[str] | None = None) -> FinetuneReport:
     s3 = S3Settings.resolve()
     uri = tracking.tracking_uri(tracking_uri)
     source = prepare_source(model_uri, uri, storage_path, s3)
@@ -57,7 +58,8 @@ def finetune_detection(model_uri: str, data_uri: str, test_uri: str, *, arch: st
     counts = {k: v for k, v in index.counts().items() if v}
     log.info("detection: %s", " ".join(f"{k}={v}" for k, v in counts.items()))
     tree = base_tree(source, data_uri=data_uri, steps=steps, batch_size=batch_size, lr=lr, num_workers=num_workers,
-                     storage_path=storage_path, seed=seed, tracking_uri=uri, experiment="raysl-finetune")
+                     storage_path=storage_path, seed=seed, tracking_uri=uri, experiment="raysl-finetune",
+                     image_size=image_size)
     tree["method"] = {"name": "detect", "classes": classes, "arch": arch, "init_weights": source.weights_uri,
                       "freeze_steps": freeze_steps, "layer_decay": layer_decay, "annotations": annotations}
 

@@ -9,17 +9,24 @@ optional layer-wise LR decay and a linear warm-up with the encoder frozen (LP-FT
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
 import numpy as np
+import ray.data
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from raysl.config import ClassifyConfig, PretrainConfig
-from raysl.data.views import LabeledView, normalize
+from raysl.data.views import LabeledView, keep_keys, normalize
 from raysl.methods.base import BatchFn, Method, method_config, register
 from raysl.methods.downstream import frozen_at, layer_decay_groups, start_encoder
+from raysl.storage import S3Settings, read_bytes
+
+MAX_HELD_SUBSET = 200_000  # subset rows held in the object store (encoded bytes); larger ones stream per epoch
+MAX_REPEATS = 1000
 
 
 @register
@@ -50,8 +57,27 @@ class Classifier(Method):
     def view_transform(cls, cfg: PretrainConfig) -> BatchFn:
         t = method_config(cfg, ClassifyConfig)
         return LabeledView(cfg.model.image_size, cfg.data.max_image_pixels, classes=t.classes,
-                           crop_scale=t.crop_scale, flip_p=t.flip_p, auto_augment=t.auto_augment,
-                           subset_uri=t.subset_uri)
+                           crop_scale=t.crop_scale, flip_p=t.flip_p, auto_augment=t.auto_augment)
+
+    @classmethod
+    def open_source(cls, cfg: PretrainConfig, s3: S3Settings) -> tuple[ray.data.Dataset, dict[str, int]]:
+        """The labeled stream; with a labeled subset, only its rows, read once and repeated.
+
+        A few-label subset makes an epoch a handful of steps, and every epoch of a Ray Data stream pays its
+        start-up again (read, split, the first decode), which dominated such runs. Held in the object store (its
+        encoded bytes only) and repeated so that one pass covers the run, the subset streams as one long epoch;
+        augmentation still runs afresh on every repeat."""
+        ds, counts = super().open_source(cfg, s3)
+        t = method_config(cfg, ClassifyConfig)
+        if t.subset_uri is None:
+            return ds, counts
+        keys = frozenset(json.loads(read_bytes(t.subset_uri, s3)))
+        ds = ds.map_batches(keep_keys, fn_kwargs={"keys": keys}, batch_format="numpy")  # type: ignore[arg-type]
+        if len(keys) > MAX_HELD_SUBSET:
+            return ds, counts
+        held = ds.materialize()
+        repeats = max(1, min(MAX_REPEATS, math.ceil(cfg.train.steps * cfg.train.batch_size / max(1, held.count()))))
+        return (held.union(*[held] * (repeats - 1)) if repeats > 1 else held), {**counts, "subset_repeats": repeats}
 
     def collate(self, batch: dict[str, torch.Tensor], step: int, rank: int) -> dict[str, torch.Tensor]:
         self.frozen = frozen_at(self.task, step)  # from the step, so a resumed run freezes exactly as before

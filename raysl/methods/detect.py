@@ -47,9 +47,9 @@ class Detector(Method):
             raise ValueError("method.freeze_steps: a frozen-encoder warm-up is not supported for detection; "
                              "use method.layer_decay to slow the encoder down instead")
         self.classes = list(self.task.classes)
-        self.detector = build_detector(start_encoder(cfg, self.task), arch=self.task.arch, num_classes=len(self.classes),
-                                       image_size=cfg.model.image_size, mean=cfg.model.mean, std=cfg.model.std,
-                                       fpn_channels=self.task.fpn_channels,
+        self.detector = build_detector(start_encoder(cfg, self.task), arch=self.task.arch,
+                                       num_classes=len(self.classes), image_size=cfg.model.image_size,
+                                       mean=cfg.model.mean, std=cfg.model.std, fpn_channels=self.task.fpn_channels,
                                        detections_per_img=self.task.detections_per_img)
 
     @property

@@ -132,8 +132,9 @@ def _build_backbone(encoder: nn.Module, arch: Arch, fpn_channels: int) -> tuple[
     """The backbone around `encoder` and the strides of its pyramid levels (encoder levels, then extra ones)."""
     extra, n_extra = _extra_block(arch, fpn_channels)
     if is_vit(encoder):
-        backbone: nn.Module = SimpleFeaturePyramid(encoder, fpn_channels, extra)
-        patch = backbone.patch
+        pyramid = SimpleFeaturePyramid(encoder, fpn_channels, extra)
+        backbone: nn.Module = pyramid
+        patch = pyramid.patch
         if patch & (patch - 1):  # RoIAlign and the anchor generator infer strides as powers of two
             raise ValueError(f"detection needs a power-of-two patch size, not {patch}")
         strides = [int(patch / s) for s in SimpleFeaturePyramid.scales if patch / s >= 1]
@@ -142,8 +143,8 @@ def _build_backbone(encoder: nn.Module, arch: Arch, fpn_channels: int) -> tuple[
     else:
         if not hasattr(encoder, "forward_intermediates"):
             raise ValueError(f"{type(encoder).__name__} has no forward_intermediates (timm ≥ 1.0 CNNs and ViTs do)")
-        feats = _probe(lambda x: encoder.forward_intermediates(x, indices=NUM_STAGES, intermediates_only=True),
-                       encoder, PROBE_SIZE)
+        intermediates: Callable[..., list[torch.Tensor]] = encoder.forward_intermediates  # type: ignore[assignment]
+        feats = _probe(lambda x: intermediates(x, indices=NUM_STAGES, intermediates_only=True), encoder, PROBE_SIZE)
         # measured, not read from feature_info: raysl's CIFAR stem removes two stride-2 steps timm still lists
         strides = [2 ** round(math.log2(PROBE_SIZE / f.shape[-1])) for f in feats]
         backbone = CNNBackbone(encoder, [int(f.shape[1]) for f in feats], fpn_channels, extra)

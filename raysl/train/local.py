@@ -21,10 +21,11 @@ StepHook = Callable[[int, Method, dict[str, float]], None]
 
 
 def pretrain_in_process(cfg: PretrainConfig, images: np.ndarray, *, sample_seed: int = 1,
-                        on_step: StepHook | None = None) -> tuple[Method, list[float]]:
+                        on_step: StepHook | None = None, labels: np.ndarray | None = None) -> tuple[Method, list[float]]:
     """Pretrain `cfg.method` for `cfg.train.steps` steps on encoded images (object array of bytes), drawing
     `cfg.train.batch_size` of them per step without replacement. Returns the method and its loss per step;
-    `on_step(step, method, metrics)` runs after every step (step counts from 1, as in the loop)."""
+    `on_step(step, method, metrics)` runs after every step (step counts from 1, as in the loop). `labels` (label
+    names, one per image) feed a supervised task such as fine-tuning."""
     torch.manual_seed(cfg.train.seed)
     method_cls = get_method(cfg.method.name)
     method, view = method_cls.build(cfg), method_cls.view_transform(cfg)
@@ -36,7 +37,8 @@ def pretrain_in_process(cfg: PretrainConfig, images: np.ndarray, *, sample_seed:
     rng, losses = np.random.default_rng(sample_seed), []
     for step in range(1, steps + 1):
         idx = rng.choice(len(images), bs, replace=False)
-        raw = view({"image": images[idx], "key": keys[idx]})
+        raw = view({"image": images[idx], "key": keys[idx],
+                    **({"label": labels[idx]} if labels is not None else {})})
         batch = method.collate({c: torch.from_numpy(raw[c]) for c in method_cls.batch_columns}, step, 0)
         opt.zero_grad(set_to_none=True)
         out = method.forward_backward(method, batch)

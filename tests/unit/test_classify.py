@@ -5,7 +5,6 @@ stratified label fraction and the test-label check."""
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from PIL import Image
 from safetensors.torch import save as save_safetensors
 
 from raysl.config import parse_config
+from raysl.data.views import keep_keys
 from raysl.eval.finetune import check_test_labels, stratified_subset
 from raysl.methods import get_method
 from raysl.methods.base import export_config
@@ -104,14 +104,12 @@ def _png(v: int) -> bytes:
     return buf.getvalue()
 
 
-def test_view_keeps_the_subset_and_maps_labels(tmp_path: Path) -> None:
-    subset = tmp_path / "subset.json"
-    subset.write_text(json.dumps(["k0", "k2", "k3"]))
-    cfg = _cfg(tmp_path, subset_uri=str(subset))
-    view = get_method("classify").view_transform(cfg)
+def test_view_maps_labels_and_the_subset_filter_keeps_its_keys(tmp_path: Path) -> None:
+    view = get_method("classify").view_transform(_cfg(tmp_path))
     batch = {"image": np.array([_png(10), _png(20), b"not an image", _png(40)], dtype=object),
              "key": np.array(["k0", "k1", "k2", "k3"]), "label": np.array(["c", "a", "b", "zzz"])}
-    out = view(batch)
+    kept = keep_keys(batch, frozenset({"k0", "k2", "k3"}))
+    out = view(kept)
     assert out["key"].tolist() == ["k0", "k2", "k3"]
     assert out["image"].shape == (3, 3, 32, 32) and out["image"].dtype == np.uint8
     assert out["label"].tolist()[0] == 2 and out["label"].dtype == np.int64

@@ -13,7 +13,8 @@ NAMES = ["square", "disc"]
 
 def _gt() -> list[dict]:
     return [
-        {"image_id": 1, "boxes": np.array([[2.0, 3.0, 20.0, 30.0], [30.0, 30.0, 60.0, 50.0]]), "labels": np.array([1, 2])},
+        {"image_id": 1, "boxes": np.array([[2.0, 3.0, 20.0, 30.0], [30.0, 30.0, 60.0, 50.0]]),
+         "labels": np.array([1, 2])},
         {"image_id": 2, "boxes": torch.tensor([[10.0, 10.0, 40.0, 44.0]]), "labels": torch.tensor([1])},
         {"image_id": 3, "boxes": np.zeros((0, 4)), "labels": np.zeros((0,), dtype=int)},  # an image with nothing
     ]
