@@ -33,7 +33,7 @@ from torchvision.ops.misc import Conv2dNormActivation
 Arch = Literal["fasterrcnn", "retinanet", "fcos"]
 ARCHS: tuple[Arch, ...] = ("fasterrcnn", "retinanet", "fcos")
 NUM_STAGES = 4  # pyramid levels taken from the encoder (before the arch's extra levels)
-PROBE_SIZE = 128  # side of the dummy image that measures a CNN's strides: 4×4 maps at stride 32, still exact
+PROBE_SIZE = 64  # side of the dummy image that measures a CNN's strides: exact up to stride 64 (a 1×1 map)
 
 
 def is_vit(encoder: nn.Module) -> bool:
@@ -153,10 +153,11 @@ def _build_backbone(encoder: nn.Module, arch: Arch, fpn_channels: int) -> tuple[
 
 
 def anchor_generator(arch: Arch, strides: Sequence[int], image_size: int) -> AnchorGenerator:
-    """Anchors per level, doubling with the stride: size = c·stride with c = image_size / coarsest stride, clipped
-    to [2, 8], so the coarsest anchor spans the image and the finest fits objects ~1/8–1/16 of it (8 = torchvision's
-    800-px Faster R-CNN: 32 px at stride 4). RetinaNet adds octave scales 2^(0, 1/3, 2/3); both use aspect ratios
-    0.5/1/2. FCOS's "anchor" is the location: size = stride, which its loss scales by 4–8× to assign levels."""
+    """Anchors per level, doubling with the stride: size = c·stride, c = image_size / coarsest stride clipped to
+    [2, 8], so the coarsest anchor is about the image and each finer level halves it (c = 8 is torchvision's 800-px
+    Faster R-CNN: 32 px at stride 4; c ≥ 2 keeps an anchor at least two cells wide). RetinaNet adds its octave scales
+    2^(0, 1/3, 2/3); both use aspect ratios 0.5/1/2. FCOS's "anchor" is the location itself: size = stride, which its
+    loss multiplies by 4 and 8 to give each level its range of box sizes."""
     n = len(strides)
     if arch == "fcos":
         return AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * n)

@@ -1,6 +1,7 @@
 """The whole path on real parts: image folder → `raysl data shard` → S3 (moto over HTTP) → 2-worker BYOL
 on Ray reading the shards from S3 and checkpointing to S3 → MLflow server (artifacts on S3) → registered
-encoder → `raysl probe` loading it by alias. Also: pretraining beats random init on held-out digits."""
+encoder → `raysl probe` loading it by alias → `raysl finetune` with 10% of the labels. Also: pretraining beats
+random init on held-out digits, under the probe and under fine-tuning."""
 
 from __future__ import annotations
 
@@ -12,12 +13,16 @@ import pytest
 from raysl.cli import main as cli
 from raysl.config import parse_config
 from raysl.data.shard import shard
+from raysl.eval.finetune import finetune_classification
 from raysl.eval.probe import probe
 from raysl.train.launch import pretrain
 
 from .conftest import S3, digit_split, write_digit_folder
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
+
+# Few-label fine-tuning recipe and the margin it must win by (measured in-process; see the README)
+FT_STEPS, FT_FREEZE, FT_LAYER_DECAY, FT_MARGIN = 100, 50, 0.75, 0.05
 
 
 def test_shard_pretrain_register_probe_over_s3(s3: S3, mlflow_server: str, ray_cluster: None,
@@ -85,3 +90,18 @@ def test_shard_pretrain_register_probe_over_s3(s3: S3, mlflow_server: str, ray_c
     # 4. rerunning the finished config trains nothing and returns the same registered version
     again = pretrain(cfg)
     assert (again.run_id, again.model_version) == (result.run_id, "1")
+
+    # 5. fine-tuning from the registered encoder beats the same network from scratch, 10% of the labels,
+    #    same recipe, seed, subset and steps; both registered with lineage to encoder version 1
+    ft = finetune_classification("models:/it-e2e-encoder@candidate", train_uri, test_uri, label_fraction=0.1,
+                                 steps=FT_STEPS, batch_size=64, freeze_steps=FT_FREEZE, layer_decay=FT_LAYER_DECAY,
+                                 storage_path=f"s3://{s3.bucket}/ft-runs", tracking_uri=mlflow_server,
+                                 overrides=["train.torch_threads=1"])
+    top1 = {r.init: r.scores["test_top1"] for r in ft.runs}
+    assert top1["pretrained"] > top1["random"] + FT_MARGIN, top1
+    assert ft.counts["labeled"] == pytest.approx(0.1 * len(train_idx), abs=10)
+    mv = client.get_model_version_by_alias("it-e2e-classifier", "candidate")
+    assert (mv.tags["raysl.source_model"], mv.tags["raysl.source_version"]) == ("it-e2e-encoder", "1")
+    assert mv.tags["raysl.label_fraction"] == "0.1" and mv.tags["raysl.init"] == "pretrained"
+    assert float(mv.tags["test_top1"]) == pytest.approx(top1["pretrained"], abs=1e-4)
+    assert client.get_model_version_by_alias("it-e2e-classifier-scratch", "candidate").tags["raysl.init"] == "random"

@@ -6,6 +6,7 @@ import torch
 
 from raysl.config import parse_config
 from raysl.methods import get_method
+from raysl.methods.base import describe_encoder
 from raysl.train.checkpoint import load_checkpoint, restore_state, save_checkpoint
 from raysl.train.optim import build_optimizer, build_scheduler
 
@@ -42,7 +43,7 @@ def _train(model, opt, sched, steps: range) -> list[float]:
 def test_resume_continues_identically(tmp_path) -> None:
     cfg, model, opt, sched = _setup()
     _train(model, opt, sched, range(1, 4))
-    save_checkpoint(tmp_path, method=model, encoder=model.encoder(), spec={"backbone": "resnet18"},
+    save_checkpoint(tmp_path, method=model, encoder=model.encoder(), spec=describe_encoder(cfg),
                     optimizer=opt, scheduler=sched, step=3, counters={"seen": 24})
     reference = copy.deepcopy(model)
     ref_opt_state = copy.deepcopy(opt.state_dict())
