@@ -43,6 +43,7 @@ class ClassifyConfig(DownstreamConfig):
     auto_augment: Literal["none", "trivial", "randaugment"] = "none"
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     head_dropout: float = Field(0.0, ge=0, lt=1)
+    head_norm: bool = Field(True, description="standardize features (BatchNorm without affine) before the head")
 
     @field_validator("classes")
     @classmethod

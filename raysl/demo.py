@@ -106,7 +106,7 @@ def demo_config(data: dict[str, Path], workdir: Path, steps: int, method: str = 
     }
 
 
-def run_downstream(workdir: Path, model_uri: str, data: dict[str, Path], tracking_uri: str, steps: int = 120) -> None:
+def run_downstream(workdir: Path, model_uri: str, data: dict[str, Path], tracking_uri: str, steps: int = 100) -> None:
     """Fine-tune the demo's registered encoder, pretrained vs random init, on 10% of the digits' labels and on
     a generated detection set (digits pasted on textures), and print both tables."""
     from raysl.data.synthetic_detection import write_detection_splits
@@ -116,8 +116,9 @@ def run_downstream(workdir: Path, model_uri: str, data: dict[str, Path], trackin
     common = {"tracking_uri": tracking_uri, "storage_path": str(workdir / "checkpoints"), "init": "both",
               "overrides": ["train.torch_threads=1"]}
     log.info("[downstream 1/2] classification, 10%% of the labels, pretrained vs random init")
+    # LP-FT and layer decay: the recipe under which the pretrained encoder's lead shows (README, Downstream)
     cls = finetune_classification(model_uri, str(data["train"]), str(data["test"]), label_fraction=0.1,
-                                  steps=steps, **common)  # type: ignore[arg-type]
+                                  steps=steps, freeze_steps=30, layer_decay=0.75, **common)  # type: ignore[arg-type]
     det_data = write_detection_splits(workdir / "detection", 600, 200, image_size=64)
     log.info("[downstream 2/2] detection (Faster R-CNN, FPN over the encoder), pretrained vs random init")
     det = finetune_detection(model_uri, str(det_data["train"]), str(det_data["test"]), steps=steps,

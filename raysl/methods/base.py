@@ -111,9 +111,9 @@ class Method(nn.Module, ABC):
         gradient (a frozen encoder during a warm-up) asks for find_unused_parameters."""
         return {}
 
-    #: config fields (of the method section) that only the run needs, such as files it reads at build time;
-    #: they are left out of the exported config, so a downstream rebuild does not look for them
-    run_only_fields: ClassVar[tuple[str, ...]] = ()
+    #: method-section values the exported config takes instead of the run's: it rebuilds the architecture,
+    #: whose weights are the saved ones, so files the run read at build time (initial weights) are not wanted
+    export_overrides: ClassVar[dict[str, Any]] = {}
 
 
 M = TypeVar("M", bound=type[Method])
@@ -167,6 +167,5 @@ def export_config(cfg: PretrainConfig) -> dict[str, Any]:
     """The config that rebuilds the whole method downstream; where the data lived is not part of it."""
     tree = cfg.model_dump(mode="json", include={"method", "model", "data"})
     tree["data"] = {"uri": "exported"}
-    for key in get_method(cfg.method.name).run_only_fields:
-        tree["method"].pop(key, None)
+    tree["method"].update(get_method(cfg.method.name).export_overrides)
     return tree

@@ -35,7 +35,7 @@ class Classifier(Method):
     required_columns = frozenset({"image", "label"})
     batch_columns = ("image", "label")
     export_full = True  # the head is part of what is registered: the version predicts classes
-    run_only_fields = ("init_weights", "subset_uri")
+    export_overrides = {"init": "random", "init_weights": None, "subset_uri": None}
 
     def __init__(self, cfg: PretrainConfig) -> None:
         super().__init__()
@@ -43,8 +43,14 @@ class Classifier(Method):
         self.mean, self.std = cfg.model.mean, cfg.model.std
         self.classes = list(self.task.classes)
         self.backbone = start_encoder(cfg, self.task)
+        dim = int(self.backbone.num_features)  # type: ignore[arg-type]
+        # Features standardized before the linear head (MAE's linear-probe head, arXiv 2111.06377 §A.2): an SSL
+        # encoder's pooled features have arbitrary scales, and without it the head learned so slowly that a
+        # frozen pretrained encoder reached 24% on held-out digits in 100 steps where logistic regression on
+        # the same features reaches 68%.
+        self.head_norm = nn.BatchNorm1d(dim, affine=False) if self.task.head_norm else nn.Identity()
         self.dropout = nn.Dropout(self.task.head_dropout)
-        self.head = nn.Linear(int(self.backbone.num_features), len(self.classes))  # type: ignore[arg-type]
+        self.head = nn.Linear(dim, len(self.classes))
         nn.init.trunc_normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
         self.frozen = frozen_at(self.task, 1)
@@ -97,7 +103,8 @@ class Classifier(Method):
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) → class logits (B, C)."""
-        return self.head(self.dropout(self.features(normalize(images, self.mean, self.std))))  # type: ignore[no-any-return]
+        feats = self.head_norm(self.features(normalize(images, self.mean, self.std)))
+        return self.head(self.dropout(feats))  # type: ignore[no-any-return]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         logits = self.logits(batch["image"])

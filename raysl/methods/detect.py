@@ -38,7 +38,7 @@ class Detector(Method):
     required_columns = frozenset({"image", "boxes", "labels"})
     batch_columns = ("image", "boxes", "labels", "num_boxes")
     export_full = True  # the whole detector is registered beside its encoder
-    run_only_fields = ("init_weights",)
+    export_overrides = {"init": "random", "init_weights": None}
 
     def __init__(self, cfg: PretrainConfig) -> None:
         super().__init__()

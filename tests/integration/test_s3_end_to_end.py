@@ -21,8 +21,10 @@ from .conftest import S3, digit_split, write_digit_folder
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
-# Few-label fine-tuning recipe and the margin it must win by (measured in-process; see the README)
-FT_STEPS, FT_FREEZE, FT_LAYER_DECAY, FT_MARGIN = 100, 50, 0.75, 0.05
+# Few-label fine-tuning: LP-FT (30 steps with the encoder frozen) and layer decay 0.75, 100 steps. Measured
+# in-process on these digits with this test's 30-step BYOL encoder: pretrained 56.0% / 60.2% vs random 34.6% /
+# 38.4% (seeds 0, 1); with a 100-step encoder +25.4, +16.8, +14.4 points over three seeds. Margin: 8 points.
+FT_STEPS, FT_FREEZE, FT_LAYER_DECAY, FT_MARGIN = 100, 30, 0.75, 0.08
 
 
 def test_shard_pretrain_register_probe_over_s3(s3: S3, mlflow_server: str, ray_cluster: None,

@@ -116,12 +116,12 @@ def test_view_maps_labels_and_the_subset_filter_keeps_its_keys(tmp_path: Path) -
     assert out["valid"].tolist() == [True, False, False]  # undecodable, and a label outside the classes
 
 
-def test_export_leaves_out_run_only_files(tmp_path: Path) -> None:
+def test_export_rebuilds_without_the_runs_files(tmp_path: Path) -> None:
     uri, _ = _weights(tmp_path)
     tree = export_config(_cfg(tmp_path, init="pretrained", init_weights=uri, subset_uri="/s.json"))
-    assert "init_weights" not in tree["method"] and "subset_uri" not in tree["method"]
-    rebuilt = parse_config({**tree, "method": {**tree["method"], "init": "random"}})
-    assert rebuilt.method.classes == ["a", "b", "c"]  # type: ignore[union-attr]
+    assert tree["method"]["init_weights"] is None and tree["method"]["subset_uri"] is None
+    rebuilt = Classifier(parse_config(tree))  # builds without the run's files; its weights are the saved ones
+    assert rebuilt.classes == ["a", "b", "c"]
 
 
 def test_stratified_subset_is_seeded_and_keeps_every_class() -> None:
@@ -149,3 +149,19 @@ def test_config_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match="method.classify.layer_decay"):
         parse_config({"data": {"uri": "/x"}, "method": {"name": "classify", "classes": ["a", "b"],
                                                           "layer_decay": 2}})
+
+
+def test_encoder_spec_feeds_the_task_or_says_why() -> None:
+    from raysl.eval.finetune import model_section
+
+    cnn = {"backbone": "resnet18", "cifar_stem": False, "image_size": 32, "backbone_kwargs": {},
+           "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert model_section(cnn, 64)["image_size"] == 64 and model_section(cnn)["mean"] == [0.5] * 3
+    vit = {**cnn, "backbone": "vit_tiny_patch16_224", "patch_size": 4}
+    assert model_section(vit, 32)["patch_size"] == 4
+    with pytest.raises(ValueError, match="was built for 32 px"):
+        model_section(vit, 64)
+    with pytest.raises(ValueError, match="1-channel"):
+        model_section({**cnn, "mean": [0.5], "std": [0.5]})
+    with pytest.raises(ValueError, match=r"lacks \['std'\]"):
+        model_section({k: v for k, v in cnn.items() if k != "std"})
