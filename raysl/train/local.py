@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 StepHook = Callable[[int, Method, dict[str, float]], None]
 
 
-def pretrain_in_process(cfg: PretrainConfig, images: np.ndarray, *, sample_seed: int = 1, on_step: StepHook | None = None,
+def pretrain_in_process(cfg: PretrainConfig, images: np.ndarray, *, sample_seed: int = 1,
+                        on_step: StepHook | None = None,
                         labels: np.ndarray | None = None) -> tuple[Method, list[float]]:
     """Pretrain `cfg.method` for `cfg.train.steps` steps on encoded images (object array of bytes), drawing
     `cfg.train.batch_size` of them per step without replacement. Returns the method and its loss per step;
