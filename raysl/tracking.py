@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 
+from raysl.models.files import FULL_CONFIG, FULL_WEIGHTS, TIMM_CONFIG, load_encoder_dir, save_encoder_dir
 from raysl.storage import redact
 
 log = logging.getLogger(__name__)
@@ -179,41 +179,6 @@ def _pyfunc_class() -> type:
                 return self.model(normalize(x, self.spec["mean"], self.spec["std"])).numpy()
 
     return EncoderPyfunc
-
-
-FULL_WEIGHTS, FULL_CONFIG, TIMM_CONFIG = "model.safetensors", "model.json", "timm_config.json"
-
-
-def save_encoder_dir(folder: Path, encoder: nn.Module, spec: dict[str, Any]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    from raysl.models.backbones import timm_config
-
-    _save_weights(encoder, folder / "encoder.safetensors")
-    (folder / "encoder.json").write_text(json.dumps(spec, indent=2))
-    # timm's own key names are what the encoder already has; this lets plain timm rebuild it (README)
-    (folder / TIMM_CONFIG).write_text(json.dumps(timm_config(spec), indent=2))
-
-
-def _save_weights(module: nn.Module, path: Path) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
-
-
-def save_full_dir(folder: Path, model: nn.Module, config: dict[str, Any]) -> None:
-    """The whole trained method (e.g. CLIP's two towers), beside the encoder: weights + rebuilding config."""
-    folder.mkdir(parents=True, exist_ok=True)
-    _save_weights(model, folder / FULL_WEIGHTS)
-    (folder / FULL_CONFIG).write_text(json.dumps(config, indent=2))
-
-
-def load_encoder_dir(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
-    from raysl.models.backbones import create_backbone
-
-    spec = json.loads((folder / "encoder.json").read_text())
-    model = create_backbone(spec["backbone"], cifar_stem=spec["cifar_stem"], image_size=spec["image_size"],
-                            patch_size=spec.get("patch_size"), **spec.get("backbone_kwargs", {}))
-    model.load_state_dict(load_file(str(folder / "encoder.safetensors")))
-    model.eval()
-    return model, spec
 
 
 def register_encoder(uri: str, run_id: str, encoder: nn.Module, spec: dict[str, Any], name: str,

@@ -14,11 +14,12 @@ from safetensors.torch import load_file
 
 from raysl.config import PretrainConfig
 from raysl.methods.base import get_method
-from raysl.tracking import FULL_CONFIG, FULL_WEIGHTS, download_full_dir
+from raysl.models.files import FULL_CONFIG, FULL_WEIGHTS
+from raysl.tracking import download_full_dir
 
 
 def load_full_dir(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a method exported by `tracking.save_full_dir` → (module in eval mode, its config tree)."""
+    """Rebuild a method exported by `models.files.save_full_dir` → (module in eval mode, its config tree)."""
     tree = json.loads((folder / FULL_CONFIG).read_text())
     cfg = PretrainConfig.model_validate(tree)
     model = get_method(cfg.method.name).build(cfg)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from raysl.tracking import save_encoder_dir, save_full_dir
+from raysl.models.files import save_encoder_dir, save_full_dir
 
 STATE_FILE = "state.pt"
 

@@ -27,6 +27,7 @@ from raysl.data.sources import read_images, source_columns
 from raysl.data.views import EvalView
 from raysl.methods import get_method
 from raysl.methods.base import describe_encoder
+from raysl.models.files import load_encoder_dir
 from raysl.storage import S3Settings, redact
 from raysl.train.loop import train_loop_per_worker
 
@@ -173,7 +174,7 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
         raise RuntimeError(f"run {name} produced no checkpoint")
     version = "unregistered"
     with result.checkpoint.as_directory() as d:
-        encoder, spec = tracking.load_encoder_dir(Path(d))
+        encoder, spec = load_encoder_dir(Path(d))
         spec.update(describe_encoder(cfg), source_run=run_id, **cfg.tracking.tags)
         if run_id:
             try:

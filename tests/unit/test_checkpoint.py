@@ -65,7 +65,7 @@ def test_resume_continues_identically(tmp_path) -> None:
 
 
 def test_checkpoint_has_safetensors_encoder(tmp_path) -> None:
-    from raysl.tracking import load_encoder_dir
+    from raysl.models.files import load_encoder_dir
 
     _, model, opt, sched = _setup()
     spec = {"backbone": "resnet18", "cifar_stem": False, "image_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3}

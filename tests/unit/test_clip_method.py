@@ -156,7 +156,7 @@ def test_retrieval_recall_and_zero_shot_scoring() -> None:
 def test_whole_model_export_round_trips(tmp_path: Any) -> None:
     from raysl.methods.base import export_config
     from raysl.methods.export import load_full_dir
-    from raysl.tracking import save_full_dir
+    from raysl.models.files import save_full_dir
 
     model = small_clip().float().eval()
     cfg = PretrainConfig.model_validate({

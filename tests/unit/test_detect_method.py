@@ -16,8 +16,8 @@ from raysl.methods import get_method
 from raysl.methods.base import export_config
 from raysl.methods.detect import Detector
 from raysl.methods.export import load_full_dir
+from raysl.models.files import save_full_dir
 from raysl.storage import S3Settings
-from raysl.tracking import save_full_dir
 
 
 @pytest.fixture(scope="module")

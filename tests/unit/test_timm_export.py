@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from raysl.models.backbones import create_backbone
-from raysl.tracking import save_encoder_dir
+from raysl.models.files import save_encoder_dir
 
 SPECS = [
     {"backbone": "resnet18", "cifar_stem": False, "image_size": 32, "backbone_kwargs": {}},
