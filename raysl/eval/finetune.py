@@ -186,6 +186,8 @@ def finetune_classification(model_uri: str, data_uri: str, test_uri: str, *, lab
                             label_column: str | None = None, num_workers: int = 2,
                             storage_path: str = "./raysl-runs", tracking_uri: str | None = None, seed: int = 0,
                             image_size: int | None = None, overrides: list[str] | None = None) -> FinetuneReport:
+    if not 0 < label_fraction <= 1:
+        raise ValueError(f"--label-fraction must be in (0, 1], got {label_fraction}")
     s3 = S3Settings.resolve()
     uri = tracking.tracking_uri(tracking_uri)
     source = prepare_source(model_uri, uri, storage_path, s3)
