@@ -174,7 +174,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         loss_sum, n, samples, seen, bad = _all_sum([window["loss"], window["n"], window["samples"],
                                                     counters["seen"], counters["bad_images"]])
         elapsed = time.perf_counter() - t0
-        metrics = {"loss": loss_sum / max(n, 1), "lr": opt.param_groups[0]["lr"],
+        metrics = {"loss": loss_sum / max(n, 1), "lr": max(g["lr"] for g in opt.param_groups),
                    "samples_per_s": samples / max(elapsed, 1e-9), "bad_images": bad,
                    "bad_fraction": bad / max(seen, 1), "skipped_steps": counters["skipped_steps"],
                    "step": step, **{k: float(v.detach()) for k, v in out.items() if k != "loss"}, **extra}
