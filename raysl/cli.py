@@ -60,7 +60,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from raysl.train.launch import init_ray
 
     init_ray()
-    common = {"init": args.init, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+    batch = args.batch_size or (64 if args.task == "classification" else 16)
+    common = {"init": args.init, "steps": args.steps, "batch_size": batch, "lr": args.lr,
               "freeze_steps": args.freeze_steps, "layer_decay": args.layer_decay, "num_workers": args.workers,
               "storage_path": args.storage_path, "seed": args.seed, "overrides": args.overrides,
               "image_size": args.image_size}
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--arch", default="fasterrcnn", choices=["fasterrcnn", "retinanet", "fcos"])
     s.add_argument("--image-size", type=int, help="default: the encoder's (CNNs may take another size)")
     s.add_argument("--steps", type=int, default=200)
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--batch-size", type=int, help="global batch (default: 64 classification, 16 detection)")
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--freeze-steps", type=int, default=0, help="train only the head for the first K steps")
     s.add_argument("--layer-decay", type=float, help="layer-wise LR decay, e.g. 0.75")
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("what", choices=["ingest", "step", "clip-loss", "ijepa-context"])
     s.add_argument("--images", type=int, default=2000)
     s.add_argument("--batches", type=int, default=20)
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--batch-size", type=int, help="global batch (default: 64 classification, 16 detection)")
     s.add_argument("--workers", type=int, default=2, help="CPU decode workers on each side")
     s.add_argument("--s3", action="store_true", help="also read from a local moto S3 server")
     s.add_argument("--backbone", default="resnet18")
