@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raysl.data.views import normalize
+from raysl.models.backbones import eval_mode
 
 
 @torch.no_grad()
@@ -39,13 +40,11 @@ def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
 def extract(encoder: nn.Module, images: np.ndarray, mean: Any, std: Any, device: torch.device,
             batch_size: int = 256) -> torch.Tensor:
     """Features (N, D) of uint8 images (N, 3, H, W) with the encoder in eval mode."""
-    was_training = encoder.training
-    encoder.eval()
     feats = []
-    for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[i : i + batch_size]).to(device)
-        feats.append(encoder(normalize(x, mean, std)).float().cpu())
-    encoder.train(was_training)
+    with eval_mode(encoder):
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(images[i : i + batch_size]).to(device)
+            feats.append(encoder(normalize(x, mean, std)).float().cpu())
     return torch.cat(feats)
 
 

@@ -23,6 +23,7 @@ from raysl.config import ClassifyConfig, PretrainConfig
 from raysl.data.views import LabeledView, keep_keys, normalize
 from raysl.methods.base import BatchFn, Method, method_config, register
 from raysl.methods.downstream import frozen_at, layer_decay_groups, start_encoder
+from raysl.models.backbones import eval_mode
 from raysl.storage import S3Settings, read_bytes
 
 MAX_HELD_SUBSET = 200_000  # subset rows held in the object store (encoded bytes); larger ones stream per epoch
@@ -94,11 +95,8 @@ class Classifier(Method):
             out: torch.Tensor = self.backbone(x)
             return out
         # Frozen: eval mode too, so BatchNorm statistics stay those of the encoder the head is fitted to.
-        was = self.backbone.training
-        self.backbone.eval()
-        with torch.no_grad():
+        with eval_mode(self.backbone), torch.no_grad():
             out = self.backbone(x)
-        self.backbone.train(was)
         return out
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -121,12 +119,10 @@ class Classifier(Method):
     @torch.no_grad()
     def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Class indices of uint8 images (N, 3, H, W), in eval mode."""
-        was = self.training
-        self.eval()
         device = next(self.parameters()).device
-        preds = [self.logits(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(device))
-                 .argmax(1).cpu() for i in range(0, len(images), batch_size)]
-        self.train(was)
+        with eval_mode(self):
+            preds = [self.logits(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(device))
+                     .argmax(1).cpu() for i in range(0, len(images), batch_size)]
         return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
 
     def online_metrics(self, data: dict[str, Any]) -> dict[str, float]:

@@ -17,6 +17,7 @@ from raysl.config import DetectConfig, PretrainConfig
 from raysl.data.detection import DetectionView, parse_coco, read_coco, unpad_targets
 from raysl.methods.base import BatchFn, Method, method_config, register
 from raysl.methods.downstream import layer_decay_groups, start_encoder
+from raysl.models.backbones import eval_mode
 from raysl.models.detection import build_detector
 from raysl.storage import S3Settings, read_bytes, redact
 
@@ -97,15 +98,13 @@ class Detector(Method):
     @torch.no_grad()
     def predict(self, images: np.ndarray, batch_size: int = 32) -> list[dict[str, np.ndarray]]:
         """uint8 images (N, 3, S, S) → per image {boxes (m,4) xyxy, scores (m,), labels (m,) in 1..C}."""
-        was = self.training
-        self.eval()
         device = next(self.parameters()).device
         out: list[dict[str, np.ndarray]] = []
-        for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(device)
-            for det in self.detector(self._images(x)):
-                out.append({k: det[k].cpu().numpy() for k in ("boxes", "scores", "labels")})
-        self.train(was)
+        with eval_mode(self):
+            for i in range(0, len(images), batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(device)
+                for det in self.detector(self._images(x)):
+                    out.append({k: det[k].cpu().numpy() for k in ("boxes", "scores", "labels")})
         return out
 
     def encoder(self) -> nn.Module:

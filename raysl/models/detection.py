@@ -30,6 +30,8 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import Conv2dNormActivation
 
+from raysl.models.backbones import eval_mode
+
 Arch = Literal["fasterrcnn", "retinanet", "fcos"]
 ARCHS: tuple[Arch, ...] = ("fasterrcnn", "retinanet", "fcos")
 NUM_STAGES = 4  # pyramid levels taken from the encoder (before the arch's extra levels)
@@ -118,14 +120,9 @@ class SimpleFeaturePyramid(nn.Module):
 
 def _probe(fn: Callable[[torch.Tensor], Any], module: nn.Module, side: int) -> Any:
     """Run `fn` on a zero image in eval mode (BatchNorm statistics untouched), restoring the training flag."""
-    was_training = module.training
     param = next(module.parameters())
-    module.eval()
-    try:
-        with torch.no_grad():
-            return fn(torch.zeros(1, 3, side, side, device=param.device, dtype=param.dtype))
-    finally:
-        module.train(was_training)
+    with eval_mode(module), torch.no_grad():
+        return fn(torch.zeros(1, 3, side, side, device=param.device, dtype=param.dtype))
 
 
 def _build_backbone(encoder: nn.Module, arch: Arch, fpn_channels: int) -> tuple[nn.Module, list[int]]:
