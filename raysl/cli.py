@@ -1,4 +1,4 @@
-"""The `raysl` command: pretrain, probe, finetune, embed, data shard, demo, bench.
+"""The `raysl` command: pretrain, probe, finetune, embed, data shard, demo, bench; submit, jobs, pipeline.
 
 Local by default (a Ray cluster started in-process, MLflow in ./mlflow.db); `--address` or $RAY_ADDRESS
 and $MLFLOW_TRACKING_URI point the same command at a cluster and a tracking server.
@@ -20,8 +20,9 @@ log = logging.getLogger("raysl")
 
 
 def _setup(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=getattr(logging, args.log_level),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from raysl import console
+
+    console.setup(args.log_level, verbose=args.verbose)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if args.address:
@@ -127,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raysl", description=__doc__)
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--verbose", action="store_true", help="also show Ray's own output (progress bars, worker "
+                                                          "logs, warnings); by default they go to log files")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("pretrain", help="pretrain an encoder from a YAML config")
@@ -211,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunk", type=int, default=512, help="clip-loss: rows per recomputed block")
     s.add_argument("--threads", type=int, default=2, help="ijepa-context: torch threads")
     s.set_defaults(fn=cmd_bench)
+
+    from raysl import cli_jobs, cli_pipeline
+
+    cli_jobs.add_parsers(sub)
+    cli_pipeline.add_parsers(sub)
     return p
 
 
