@@ -151,6 +151,8 @@ class TrainConfig(Strict):
     seed: int = 0
     storage_path: str = Field("./raysl-runs", description="checkpoints: local folder or s3://bucket/prefix")
     run_name: str | None = None
+    init_from: str | None = Field(None, description="warm start: a checkpoint folder (local or s3://) whose model "
+                                  "weights start this run; optimizer and schedule start fresh")
     torch_threads: int | None = Field(None, ge=1)
     fault_at_step: int | None = Field(None, ge=1, description="chaos testing: fail once at this step")
 

@@ -3,13 +3,16 @@ weights_only=True) plus the encoder alone as safetensors + JSON spec, ready to r
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from raysl import storage
 from raysl.models.files import save_encoder_dir, save_full_dir
+from raysl.storage import S3Settings
 
 STATE_FILE = "state.pt"
 
@@ -35,6 +38,26 @@ def save_checkpoint(folder: Path, *, method: nn.Module, encoder: nn.Module, spec
 def load_checkpoint(folder: Path) -> dict[str, Any]:
     state: dict[str, Any] = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
     return state
+
+
+def read_model_state(uri: str, s3: S3Settings | None = None) -> dict[str, torch.Tensor]:
+    """The method weights of the checkpoint folder `uri` (local or s3://), for a warm start."""
+    try:
+        data = storage.read_bytes(f"{uri.rstrip('/')}/{STATE_FILE}", s3)
+    except (FileNotFoundError, OSError) as exc:
+        raise FileNotFoundError(f"train.init_from: no {STATE_FILE} under {storage.redact(uri)} ({exc})") from None
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return dict(state["model"])
+
+
+def warm_start(method: nn.Module, model_state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a checkpoint's method weights; a checkpoint of another architecture is a clear error."""
+    try:
+        method.load_state_dict(model_state)
+    except RuntimeError as exc:
+        head = str(exc).splitlines()[0:3]
+        raise ValueError(f"train.init_from={source}: the checkpoint does not fit this config's model "
+                         f"({' '.join(head)[:400]})") from None
 
 
 def restore_state(state: dict[str, Any], *, method: nn.Module, optimizer: torch.optim.Optimizer,

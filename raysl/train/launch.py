@@ -29,6 +29,7 @@ from raysl.methods import get_method
 from raysl.methods.base import describe_encoder
 from raysl.models.files import load_encoder_dir
 from raysl.storage import S3Settings, redact
+from raysl.train.checkpoint import read_model_state
 from raysl.train.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,11 @@ def _storage(cfg: PretrainConfig, s3: S3Settings) -> tuple[str, Any]:
     return path, None
 
 
+def checkpoint_uri(cfg: PretrainConfig, path: str) -> str:
+    """A checkpoint's URI with its scheme (Ray gives S3 paths as bucket/key), redacted; warm starts read it."""
+    return redact(f"s3://{path}" if storage.is_s3(cfg.train.storage_path) and "://" not in path else path)
+
+
 def _read_state(uri: str, s3: S3Settings) -> dict[str, Any]:
     try:
         return dict(json.loads(storage.read_bytes(uri, s3)))
@@ -150,11 +156,14 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
     if cfg.eval.uri:
         labeled = load_labeled(cfg.eval.uri, cfg, s3, cfg.eval.label_column, cfg.eval.max_samples)
         eval_ref = ray.put(labeled)
+    init_ref = None
+    if cfg.train.init_from:
+        init_ref = ray.put(read_model_state(cfg.train.init_from, s3))
     path, fs = _storage(cfg, s3)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": uri,
-                           "eval_ref": eval_ref},
+                           "eval_ref": eval_ref, "init_ref": init_ref},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(
@@ -179,6 +188,7 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
         if run_id:
             try:
                 tracking.set_tags(uri, run_id, {"raysl.checkpoint": redact(result.checkpoint.path),
+                                                "raysl.checkpoint_uri": checkpoint_uri(cfg, result.checkpoint.path),
                                                 "raysl.checkpoint_dir": f"{redact(cfg.train.storage_path)}/{name}"})
                 version = tracking.register_encoder(uri, run_id, encoder, spec, model_name, cfg.tracking.alias,
                                                     full_dir=Path(d))

@@ -29,7 +29,7 @@ from raysl.config import PretrainConfig
 from raysl.methods import get_method
 from raysl.methods.base import Method, describe_encoder, export_config
 from raysl.tracking import MetricLogger
-from raysl.train.checkpoint import load_checkpoint, restore_state, save_checkpoint
+from raysl.train.checkpoint import load_checkpoint, restore_state, save_checkpoint, warm_start
 from raysl.train.online_eval import OnlineKNN
 from raysl.train.optim import apply_weight_decay, build_optimizer, build_scheduler, weight_decay_at
 
@@ -122,6 +122,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         if rank == 0:  # saved counters are global sums; the other ranks count from zero
             counters.update(state["counters"])
         log.info("rank %d resumed at step %d", rank, start)
+    elif loop_cfg.get("init_ref") is not None:  # a warm start: weights only, fresh optimizer and schedule
+        warm_start(method, ray.get(loop_cfg["init_ref"]), str(tc.init_from))
     model = ray.train.torch.prepare_model(method, parallel_strategy_kwargs=method.ddp_kwargs() or None)
 
     tracker = MetricLogger(loop_cfg.get("tracking_uri"), loop_cfg.get("run_id")) if rank == 0 else None
