@@ -6,6 +6,7 @@ never pass through raysl's config, logs or MLflow params.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -59,8 +60,29 @@ def resolve(uri: str, s3: S3Settings | None = None) -> tuple[pafs.FileSystem, st
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
+SNAPSHOT_SUFFIX = ".snapshot.json"
+
+
+def snapshot_files(uri: str, s3: S3Settings | None = None) -> list[str]:
+    """The files a snapshot manifest (written by `raysl pipeline`) froze, as filesystem paths: a run on a
+    snapshot reads exactly these, whatever lands under the prefix later."""
+    try:
+        manifest = json.loads(read_bytes(uri, s3))
+        return [str(f["path"]) for f in manifest["files"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StorageError(f"snapshot manifest {redact(uri)!r} cannot be read: {exc}") from None
+
+
 def list_files(uri: str, s3: S3Settings | None = None, suffixes: tuple[str, ...] | None = None) -> list[str]:
-    """List files under a URI (or the URI itself if it is a file), sorted; fails with the URI named."""
+    """List files under a URI (or the URI itself if it is a file), sorted; fails with the URI named.
+    A `*.snapshot.json` URI lists the files its manifest froze."""
+    if uri.endswith(SNAPSHOT_SUFFIX):
+        files = snapshot_files(uri, s3)
+        if suffixes is not None:
+            files = [f for f in files if f.lower().endswith(suffixes)]
+        if not files:
+            raise StorageError(f"snapshot {redact(uri)!r} holds no files")
+        return files
     fs, path = resolve(uri, s3)
     try:
         info = fs.get_file_info(path)
@@ -90,12 +112,18 @@ def ensure_dir(uri: str, s3: S3Settings | None = None) -> None:
 
 
 def write_bytes(uri: str, data: bytes, s3: S3Settings | None = None) -> None:
+    """Write a whole object. Atomic on both kinds: an S3 PUT replaces the object at once, and a local file is
+    written beside its target and renamed over it, so a reader (or a crash) never sees half a file."""
     fs, path = resolve(uri, s3)
-    parent = os.path.dirname(path)
-    if parent and not is_s3(uri):
-        fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+    if is_s3(uri):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as out:
+        out.write(data)
+    os.replace(tmp, path)
 
 
 def read_bytes(uri: str, s3: S3Settings | None = None) -> bytes:

@@ -11,6 +11,8 @@ import hashlib
 import json
 import logging
 import os
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import ray.data
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raysl import storage, tracking
+from raysl import console, storage, tracking
 from raysl.config import PretrainConfig, flatten
 from raysl.data.sources import read_images, source_columns
 from raysl.data.views import EvalView
@@ -52,13 +54,41 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     Locally, logical CPUs are doubled: training workers and Ray Data decode tasks share the cores, and
     with only physical CPUs the data tasks can be starved for ever.
     """
+    quiet_data()
     if ray.is_initialized():
         return
+    console.quiet_ray()
+    verbose = console.is_verbose()  # worker and actor output reaches this console only with --verbose
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ctx = ray.init(address=address, log_to_driver=verbose)
     else:
-        ray.init(num_cpus=num_cpus or 2 * (os.cpu_count() or 2), include_dashboard=False)
+        # The dashboard process serves the state API, which Ray Train's placement-group cleaner polls every
+        # second (without it: "Failed to query Ray Train Controller actor state", once a second). The cleaner
+        # finds that API by autodetection, which fails when another Ray instance runs on the machine; a
+        # dashboard port chosen here and named in the job's environment spares it the search.
+        port = _free_port()
+        ctx = ray.init(num_cpus=num_cpus or 2 * (os.cpu_count() or 2), log_to_driver=verbose,
+                       dashboard_host="127.0.0.1", dashboard_port=port,
+                       runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+    console.ray_started(getattr(ctx, "address_info", {}).get("session_dir"))  # a ray:// client has none
+
+
+def quiet_data() -> None:
+    """Ray Data's progress bars off unless --verbose: a training dataset re-executes every epoch, and its
+    per-operator bars redrew thousands of lines per run. Set before datasets are made (each keeps a copy)."""
+    if console.is_verbose():
+        return
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def run_name(cfg: PretrainConfig) -> str:
@@ -107,6 +137,17 @@ def checkpoint_uri(cfg: PretrainConfig, path: str) -> str:
     return redact(f"s3://{path}" if storage.is_s3(cfg.train.storage_path) and "://" not in path else path)
 
 
+def _registered(uri: str, name: str, run_id: str) -> str | None:
+    """The version this run already registered (a rerun after a crash between registering and recording it
+    must not register a second copy)."""
+    found = tracking.client(uri).search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if not found:
+        return None
+    version = str(min(int(v.version) for v in found))
+    log.info("run %s already registered %s version %s; not registering again", run_id, name, version)
+    return version
+
+
 def _read_state(uri: str, s3: S3Settings) -> dict[str, Any]:
     try:
         return dict(json.loads(storage.read_bytes(uri, s3)))
@@ -115,6 +156,7 @@ def _read_state(uri: str, s3: S3Settings) -> dict[str, Any]:
 
 
 def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
+    t_start = time.monotonic()
     method_cls = get_method(cfg.method.name)
     s3 = S3Settings.resolve(cfg.s3.endpoint_url, cfg.s3.region)
     method_cls.check_source(cfg, s3)
@@ -160,6 +202,7 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
     if cfg.train.init_from:
         init_ref = ray.put(read_model_state(cfg.train.init_from, s3))
     path, fs = _storage(cfg, s3)
+    forward_reports, fetch_reports = console.train_reports()  # progress lines come from the driver, not workers
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": uri,
@@ -170,11 +213,15 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
             name=name, storage_path=path, storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=[forward_reports],
         ),
         datasets={"train": ds},
     )
+    log.info("training %s: %d steps, batch %d on %d workers", name, cfg.train.steps, cfg.train.batch_size,
+             cfg.train.num_workers)
     try:
-        result = trainer.fit()
+        with console.training_progress(cfg.train.steps, fetch_reports):
+            result = trainer.fit()
     except Exception:
         if run_id:
             tracking.end_run(uri, run_id, status="FAILED")
@@ -190,8 +237,9 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
                 tracking.set_tags(uri, run_id, {"raysl.checkpoint": redact(result.checkpoint.path),
                                                 "raysl.checkpoint_uri": checkpoint_uri(cfg, result.checkpoint.path),
                                                 "raysl.checkpoint_dir": f"{redact(cfg.train.storage_path)}/{name}"})
-                version = tracking.register_encoder(uri, run_id, encoder, spec, model_name, cfg.tracking.alias,
-                                                    full_dir=Path(d))
+                version = (_registered(uri, model_name, run_id)
+                           or tracking.register_encoder(uri, run_id, encoder, spec, model_name, cfg.tracking.alias,
+                                                        full_dir=Path(d)))
                 tracking.end_run(uri, run_id)
             except Exception as exc:  # noqa: BLE001 - the checkpoint holds the encoder; say where, do not crash
                 log.warning("could not register the encoder in MLflow (%s); it is in checkpoint %s", exc,
@@ -202,4 +250,8 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
         "mlflow_run_id": run_id, "complete": version != "unregistered", "model_version": version,
         "checkpoint": ckpt_uri,
         "metrics": metrics}).encode(), s3)
+    registered = f"models:/{model_name}@{cfg.tracking.alias} (version {version})" if version != "unregistered" else None
+    log.info("%s", console.summary(steps=int(metrics.get("step", cfg.train.steps)), seconds=time.monotonic() - t_start,
+                                   metrics=metrics, model=registered, tracking=redact(uri), run_id=run_id,
+                                   checkpoint=ckpt_uri))
     return PretrainResult(name, run_id or "", model_name, version, ckpt_uri, metrics)
