@@ -10,11 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import subprocess
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -101,66 +98,20 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0)
         log.warning("could not log %s to MLflow: %s", sorted(metrics), exc)
 
 
+def log_png(client: Any, run_id: str, png: bytes, artifact_file: str) -> None:
+    """Store PNG bytes as the run's artifact `artifact_file` (e.g. "figures/embeddings.png")."""
+    folder, name = os.path.split(artifact_file)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(png)
+        client.log_artifact(run_id, str(path), artifact_path=folder or None)
+
+
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     try:
         _client(uri).set_terminated(run_id, status=status)
     except Exception as exc:  # noqa: BLE001 - bookkeeping must not turn a result into a failure
         log.warning("could not close MLflow run %s: %s", run_id, exc)
-
-
-class MetricLogger:
-    """Sends metrics from a background thread; when MLflow is down, warns and drops instead of blocking."""
-
-    def __init__(self, uri: str | None, run_id: str | None, max_queue: int = 10_000,
-                 backoff_s: float = 30.0) -> None:
-        self.enabled = bool(uri and run_id)
-        self.backoff_s = backoff_s
-        self.run_id = run_id
-        self.dropped = 0
-        self._q: queue.Queue[tuple[dict[str, float], int, int] | None] = queue.Queue(max_queue)
-        self._thread: threading.Thread | None = None
-        if self.enabled:
-            self._client = _client(str(uri))
-            self._thread = threading.Thread(target=self._run, name="raysl-mlflow", daemon=True)
-            self._thread.start()
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if not self.enabled:
-            return
-        try:
-            self._q.put_nowait((dict(metrics), step, int(time.time() * 1000)))
-        except queue.Full:
-            self.dropped += 1
-
-    def _run(self) -> None:
-        from mlflow.entities import Metric
-
-        retry_at = 0.0  # during an outage, drop without trying until this time, so the queue never backs up
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            metrics, step, ts = item
-            if time.monotonic() < retry_at:
-                self.dropped += 1
-                continue
-            try:
-                ms = [Metric(k, float(v), ts, step) for k, v in metrics.items() if np.isfinite(v)]
-                self._client.log_batch(self.run_id, metrics=ms)
-                if retry_at:
-                    log.warning("MLflow is back; %d metric batches were dropped", self.dropped)
-                retry_at = 0.0
-            except Exception as exc:  # noqa: BLE001 - an outage must never reach the training loop
-                self.dropped += 1
-                if not retry_at:
-                    log.warning("MLflow unavailable, dropping metrics for %.0f s at a time: %s",
-                                self.backoff_s, exc)
-                retry_at = time.monotonic() + self.backoff_s
-
-    def close(self, timeout: float = 30.0) -> None:
-        if self._thread is not None:
-            self._q.put(None)
-            self._thread.join(timeout)
 
 
 def _pyfunc_class() -> type:
@@ -171,7 +122,10 @@ def _pyfunc_class() -> type:
         def load_context(self, context: Any) -> None:
             self.model, self.spec = load_encoder_dir(Path(context.artifacts["weights"]).parent)
 
-        def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+        # Typed input: without a hint MLflow warns on every log_model; np.ndarray is a hint it accepts without
+        # inferring a schema, so the signature still comes from the input example.
+        def predict(self, context: Any, model_input: np.ndarray,
+                    params: dict[str, Any] | None = None) -> np.ndarray:
             from raysl.data.views import normalize
 
             x = torch.as_tensor(np.asarray(model_input, dtype=np.uint8))

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Stop the servers that start-s3.sh and start-mlflow.sh started, by the PIDs in their PID files
-# under $DIR (default /tmp/raysl-local). Each was started in its own process group (setsid), so the
-# whole group is signalled: TERM, then KILL after 10 s. mlflow.db stays; moto's objects are gone.
+# Stop what the start-*.sh scripts started under $DIR (default /tmp/raysl-local): the MLflow server
+# and moto by the PIDs in their PID files, PostgreSQL with `pg_ctl stop` (fast: open sessions are
+# ended, committed data is kept). MLflow and moto were each started in their own process group
+# (setsid), so the whole group is signalled: TERM, then KILL after 10 s. Kept: the database in
+# $DIR/pg with its password file $DIR/pgpass, and $DIR/mlflow.db; moto's objects are gone.
+# Settings (environment): DIR, PGBIN (see start-postgres.sh).
 set -uo pipefail
+source "$(dirname "$0")/lib.sh"
 
 DIR=${DIR:-/tmp/raysl-local}
 
@@ -35,5 +39,33 @@ stop_one() {
   rm -f "$pidfile"
 }
 
+stop_postgres() {
+  local pgdata="$DIR/pg" pgbin pid
+  if [[ ! -f "$pgdata/postmaster.pid" ]]; then
+    [[ -d "$pgdata" ]] && echo "postgres: not running ($pgdata)" >&2
+    return 0
+  fi
+  pid=$(sed -n 1p "$pgdata/postmaster.pid")
+  if ! pg_running "$pgdata"; then
+    echo "postgres: pid $pid not running" >&2
+    return 0
+  fi
+  if pgbin=$(pg_bindir 2>/dev/null) && as_pg "$pgbin/pg_ctl" -D "$pgdata" -m fast -s -w -t 60 stop >&2; then
+    echo "postgres: pid $pid stopped" >&2
+    return 0
+  fi
+  # No pg_ctl, or it failed: SIGINT is PostgreSQL's fast shutdown too.
+  kill -INT "$pid" 2>/dev/null
+  for _ in $(seq 1 60); do
+    pg_running "$pgdata" || { echo "postgres: pid $pid stopped" >&2; return 0; }
+    sleep 0.5
+  done
+  echo "postgres: pid $pid still running after 30 s; see $DIR/postgres.log" >&2
+  return 1
+}
+
+status=0
 stop_one mlflow
+stop_postgres || status=1
 stop_one s3
+exit "$status"

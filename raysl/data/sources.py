@@ -176,7 +176,8 @@ def read_images(
             raise ValueError(f"data.caption_column: {caption_column!r} is not a column of {redact(uri)}; "
                              f"columns: {cols}")
         wanted = list(dict.fromkeys(c for c in (image_column, lab, key_col, caption_column) if c))
-        ds = ray.data.read_parquet(files, filesystem=fs, columns=wanted, shuffle=shuffle)
+        # select_columns, not read_parquet(columns=…) (deprecated in Ray 2.60); the projection is pushed into the read
+        ds = ray.data.read_parquet(files, filesystem=fs, shuffle=shuffle).select_columns(wanted)
         ds = ds.map_batches(
             _norm_parquet,  # type: ignore[arg-type]
             fn_kwargs={"image_column": image_column, "label_column": lab, "key_column": key_col,

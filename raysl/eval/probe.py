@@ -18,6 +18,7 @@ from raysl.data.views import EvalView
 from raysl.eval.embed import collect, embed
 from raysl.eval.knn import knn_top1
 from raysl.eval.linear_probe import linear_probe_top1
+from raysl.figures import embedding_plot
 from raysl.methods.export import load_full_model
 from raysl.storage import S3Settings
 
@@ -87,8 +88,20 @@ def probe(model_uri: str, data_uri: str, *, test_uri: str | None = None, label_c
             report.scores[f"{name}_linear_top1"] = linear_probe_top1(xtr, ytr, xte, yte)
     log.debug("probe of %s on %d/%d samples:\n%s", model_uri, report.n_train, report.n_test, report.table())
     if log_to_mlflow:
-        _log(uri, model_uri, model_id, spec, report)
+        _log(uri, model_uri, model_id, spec, report, _embedding_figure(test, yte, classes, model_uri))
     return report
+
+
+def _embedding_figure(test: dict[str, np.ndarray], labels: np.ndarray, classes: np.ndarray,
+                      model_uri: str) -> bytes | None:
+    """PCA of the held-out embeddings, pretrained next to random init, coloured by class; None if it fails."""
+    panels = {name: test[col] for name, col in (("pretrained", "embedding"), ("random init", "embedding_random"))
+              if col in test}
+    try:
+        return embedding_plot(panels, labels, [str(c) for c in classes], title=f"{model_uri}, held-out samples")
+    except Exception as exc:  # noqa: BLE001 - a picture must not cost the probe's numbers
+        log.warning("could not draw the embedding plot: %s", exc)
+        return None
 
 
 def zero_shot_probe(model_uri: str, data_uri: str, *, label_column: str | None = None,
@@ -112,7 +125,8 @@ def zero_shot_probe(model_uri: str, data_uri: str, *, label_column: str | None =
     return report
 
 
-def _log(uri: str, model_uri: str, model_id: str | None, spec: dict[str, Any], report: ProbeReport) -> None:
+def _log(uri: str, model_uri: str, model_id: str | None, spec: dict[str, Any], report: ProbeReport,
+         figure: bytes | None = None) -> None:
     """Record the probe as its own MLflow run, linked to the logged model and tagged on the version."""
     try:
         import mlflow
@@ -121,14 +135,15 @@ def _log(uri: str, model_uri: str, model_id: str | None, spec: dict[str, Any], r
         # An experiment id, not set_experiment(): that would change the process-wide active experiment, and a
         # later start_run(run_id=…) of a pretraining run in the same process would then refuse to resume.
         client = mlflow.tracking.MlflowClient(uri)
-        found = client.get_experiment_by_name("raysl-probe")
-        exp_id = found.experiment_id if found is not None else client.create_experiment("raysl-probe")
-        with mlflow.start_run(run_name=f"probe {model_uri}", experiment_id=exp_id):
+        exp_id = tracking.experiment_id(uri, "raysl-probe")  # with SQLite: artifacts beside the database, not ./mlruns
+        with mlflow.start_run(run_name=f"probe {model_uri}", experiment_id=exp_id) as run:
             mlflow.log_params({"model_uri": model_uri, "n_train": report.n_train, "n_test": report.n_test})
             for key, value in report.scores.items():
                 mlflow.log_metric(key, value, model_id=model_id)
+            if figure is not None:
+                tracking.log_png(client, run.info.run_id, figure, "figures/embeddings_pca.png")
         if "registered_version" in spec and model_uri.startswith("models:/"):
-            name = model_uri[len("models:/") :].split("@")[0]
+            name = model_uri[len("models:/") :].split("@")[0].split("/")[0]  # name@alias or name/version
             for key, value in report.scores.items():
                 client.set_model_version_tag(name, spec["registered_version"], f"probe.{key}", f"{value:.4f}")
     except Exception as exc:  # noqa: BLE001 - the numbers were computed; a tracking outage must not lose them

@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,10 @@ import torch.nn as nn
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from raysl.config import PretrainConfig
+from raysl.figures import batch_png
 from raysl.methods import get_method
 from raysl.methods.base import Method, describe_encoder, export_config
-from raysl.tracking import MetricLogger
+from raysl.metric_logger import MetricLogger
 from raysl.train.checkpoint import load_checkpoint, restore_state, save_checkpoint, warm_start
 from raysl.train.online_eval import OnlineKNN
 from raysl.train.optim import apply_weight_decay, build_optimizer, build_scheduler, weight_decay_at
@@ -148,6 +150,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         counters["seen"] += len(raw["valid"])
         counters["bad_images"] += n_bad
         bad_examples = (bad_examples + keys)[-5:]
+        if tracker is not None and step == start + 1 and ckpt is None:  # once a run: what the views look like
+            first = {k: v[:8].clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            tracker.log_image(partial(batch_png, first, spec["mean"], spec["std"]), "augmentations/first_batch.png")
         batch = method.collate(batch, step, rank)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         opt.zero_grad(set_to_none=True)

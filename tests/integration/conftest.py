@@ -1,5 +1,6 @@
 """Real services for integration tests, started here on 127.0.0.1: a moto S3 server over HTTP, an MLflow
-tracking server (SQLite backend, artifacts on that S3 endpoint) and a local Ray cluster."""
+tracking server (SQLite backend, artifacts on that S3 endpoint) and one Ray cluster for the session: a head
+started with `ray start --head` (dashboard, Jobs API, token auth) that tests submit jobs to and join in-process."""
 
 from __future__ import annotations
 
@@ -105,12 +106,20 @@ def mlflow_server(s3: S3, workspace: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(s3: S3, workspace: Path) -> Iterator[None]:
+def ray_cluster(ray_head: RayHead) -> Iterator[None]:
     import ray
 
-    # Started after the S3 variables are set, so every Ray worker inherits the endpoint and keys.
-    # Logical CPUs above the 2 physical ones leave room for Ray Data tasks next to 2 training workers.
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(workspace / "ray"))
+    # This process joins the session's one Ray cluster, the `ray_head` the job tests submit to (2 cores do not
+    # carry two clusters). It was started after the S3 variables were set, so every worker inherits the endpoint
+    # and keys, and with 4 logical CPUs: room for Ray Data tasks next to 2 training workers.
+    # Ray reads RAY_AUTH_MODE into its config when it is imported (here: while tests were collected) and an
+    # explicit address never turns token auth on by itself: set it, then re-read the config, as Ray's own
+    # `_enable_token_auth` does. The token is the one the head uses (Ray's default lookup).
+    from ray._raylet import Config
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")
+    ray.init(address=ray_head.gcs_address)
     yield
     ray.shutdown()
 
@@ -138,3 +147,104 @@ def write_digit_folder(root: Path, indices: np.ndarray) -> Path:
 def digit_split(seed: int = 0, n_test: int = 500) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(seed).permutation(1797)
     return order[n_test:], order[:n_test]
+
+
+@dataclass
+class RayHead:
+    """A Ray head started with `ray start --head`: its Jobs API (dashboard) URL, GCS address and token file."""
+
+    url: str
+    gcs_address: str
+    token_path: Path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment a client process needs: the address and Ray's own token-path variable."""
+        return dict(os.environ, RAY_API_SERVER_ADDRESS=self.url, RAY_AUTH_TOKEN_PATH=str(self.token_path), **extra)
+
+
+def _head_processes(leader: int, temp_dir: Path) -> list[int]:
+    """Live processes of one head: its session (`ray start` leads it; Ray workers leave its process group but
+    not its session) and job drivers (Ray starts those in sessions of their own) by a cwd in its temp dir."""
+    found = []
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            state, _, _, session = (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+            if state != "Z" and (int(session) == leader
+                                 or Path(os.readlink(proc_dir / "cwd")).is_relative_to(temp_dir)):
+                found.append(int(proc_dir.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _stop_head(proc: subprocess.Popen, temp_dir: Path) -> None:
+    """Stop this head only (`ray stop` would stop every Ray cluster on the machine). A graceful stop takes Ray
+    over 20 s here, and nothing in it is kept: SIGTERM, a short grace, then SIGKILL."""
+    import signal
+
+    for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+        for pid in _head_processes(proc.pid, temp_dir):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                continue
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and _head_processes(proc.pid, temp_dir):
+            time.sleep(0.2)
+    proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def ray_head(s3: S3, workspace: Path) -> Iterator[RayHead]:
+    """`ray start --head` with the dashboard and the Jobs API on free ports, token auth on, 4 logical CPUs.
+    Started after `s3` set the S3 variables, so its workers inherit them."""
+    import tempfile
+
+    # Ray's socket paths (session folder + sockets/dash_MetricsHead) must stay under 107 bytes, which a pytest
+    # folder does not allow: the head's temp dir is a short link in /tmp to a folder in the workspace.
+    (workspace / "ray-head").mkdir()
+    temp_dir = Path(tempfile.mkdtemp(prefix="raysl-rh-", dir="/tmp")) / "t"
+    temp_dir.symlink_to(workspace / "ray-head")
+    bin_dir = str(Path(sys.executable).parent)
+    # Ray's own token, as `ray.init()` sets one up for a local cluster: $RAY_AUTH_TOKEN, the file at
+    # $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token, created if missing. This process, and any local cluster an
+    # earlier test started in it, use the same one, so `ray.init(address=…)` joins without more set-up.
+    token = subprocess.run([f"{bin_dir}/ray", "get-auth-token", "--generate"], capture_output=True, text=True,
+                           check=True, timeout=60).stdout.strip()
+    token_path = workspace / "ray-token"  # a copy, for clients to find through $RAY_AUTH_TOKEN_PATH
+    token_path.touch(0o600)
+    token_path.write_text(token)
+    ports = {flag: _free_port() for flag in ("--port", "--dashboard-port", "--ray-client-server-port",
+                                             "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                             "--metrics-export-port", "--runtime-env-agent-port",
+                                             "--node-manager-port", "--object-manager-port")}
+    cmd = [f"{bin_dir}/ray", "start", "--head", "--block", "--num-cpus", "4", "--include-dashboard", "true",
+           "--dashboard-host", "127.0.0.1", "--temp-dir", str(temp_dir), "--disable-usage-stats",
+           *[str(x) for kv in ports.items() for x in kv]]
+    # Job entrypoints run `raysl …` from PATH, as on a cluster image with raysl installed.
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ.get('PATH', '')}", RAY_AUTH_MODE="token")
+    log = workspace / "ray-head.log"
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{ports['--dashboard-port']}"
+    try:
+        request = urllib.request.Request(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+        current = temp_dir / "ray_current_cluster"  # the GCS address, written once `ray start` is done
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited: {log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(request, timeout=2):
+                    if current.is_file() and current.read_text().strip():
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Jobs API at {url} did not answer: {log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        gcs = current.read_text().strip()
+        yield RayHead(url, gcs, token_path)
+    finally:
+        _stop_head(proc, workspace / "ray-head")
+        temp_dir.unlink()
+        temp_dir.parent.rmdir()

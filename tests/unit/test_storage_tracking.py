@@ -6,8 +6,8 @@ import pytest
 
 from raysl import storage
 from raysl.config import parse_config
+from raysl.metric_logger import MetricLogger
 from raysl.storage import StorageError
-from raysl.tracking import MetricLogger
 
 
 def test_missing_uri_is_named(tmp_path) -> None:
