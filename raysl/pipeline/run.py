@@ -143,20 +143,21 @@ class Pipeline:
         self._save(run, "pretrain")
 
     def _step_evaluate(self, run: dict[str, Any]) -> None:
-        from raysl.pipeline.steps import score
+        from raysl.pipeline.steps import Evaluator
 
+        score = Evaluator(self).score
         name, version = self.cfg.model_name, run["steps"]["pretrain"]["version"]
         champion = registry.alias_version(self.uri, name)
         metric = self.cfg.evaluation.probe
         cand = run.get("candidate_score")
         if cand is None:
-            cand = score(self, f"models:/{name}/{version}")
+            cand = score(f"models:/{name}/{version}")
             run["candidate_score"] = cand
             self._write(f"runs/{run['snapshot']}.json", run)
         champ = None
         if champion is not None and champion != version:
             try:
-                champ = score(self, f"models:/{name}/{champion}")
+                champ = score(f"models:/{name}/{champion}")
             except Exception as exc:  # noqa: BLE001 - whatever broke, an unscored champion is never replaced
                 run["reason"] = f"@champion v{champion} could not be evaluated ({exc}); not promoting"
                 self._write(f"runs/{run['snapshot']}.json", run)

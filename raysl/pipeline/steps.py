@@ -89,16 +89,62 @@ def pretrain_snapshot(p: Pipeline, run: dict[str, Any]) -> dict[str, Any]:
             "checkpoint": res.checkpoint_uri}
 
 
-def score(p: Pipeline, model_uri: str) -> float:
-    """The configured probe's top-1 of `model_uri` on the pipeline's fixed labeled split."""
-    from raysl.eval.probe import probe, zero_shot_probe
-    from raysl.train.launch import init_ray
+class Evaluator:
+    """The pipeline's probe: the labeled split is read once (Ray Data, per image size) and every model is scored
+    on those same arrays with raysl's kNN / linear probe, so candidate and champion see identical inputs."""
 
-    ev = p.cfg.evaluation
-    init_ray()
-    if ev.probe == "zero_shot":
-        rep = zero_shot_probe(model_uri, ev.test or ev.train, label_column=ev.label_column, tracking_uri=p.uri)
-        return float(rep.scores["zero_shot_top1"])
-    rep = probe(model_uri, ev.train, test_uri=ev.test, label_column=ev.label_column, tracking_uri=p.uri,
-                baseline=False, k=ev.k)
-    return float(rep.scores[f"pretrained_{ev.probe}_top1"])
+    def __init__(self, p: Pipeline) -> None:
+        self.p = p
+        self._splits: dict[int, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = {}
+
+    def _split(self, image_size: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        from sklearn.model_selection import train_test_split
+
+        from raysl.train.launch import init_ray, load_labeled
+
+        if image_size in self._splits:
+            return self._splits[image_size]
+        ev = self.p.cfg.evaluation
+        init_ray()
+        cfg = parse_config({"data": {"uri": ev.train}, "model": {"image_size": image_size}})
+        train = load_labeled(ev.train, cfg, self.p.s3, ev.label_column)
+        if ev.test:
+            test = load_labeled(ev.test, cfg, self.p.s3, ev.label_column)
+        else:  # a seeded, stratified 30% of `train`, the probe's default
+            idx = np.arange(len(train["label"]))
+            tr, te = train_test_split(idx, test_size=0.3, random_state=0, stratify=train["label"])
+            test = {"image": train["image"][te], "label": train["label"][te], "classes": train["classes"]}
+            train = {"image": train["image"][tr], "label": train["label"][tr], "classes": train["classes"]}
+        # load_labeled numbers each split's classes on its own; put both on one list of names
+        classes = np.union1d(train["classes"], test["classes"])
+        for part in (train, test):
+            part["label"] = np.searchsorted(classes, part["classes"][part["label"]])
+        self._splits[image_size] = (train, test)
+        return train, test
+
+    def score(self, model_uri: str) -> float:
+        """The configured probe's top-1 of `model_uri` on the pipeline's fixed labeled split."""
+        import torch
+
+        from raysl import tracking
+        from raysl.eval.knn import extract, knn_top1
+        from raysl.eval.linear_probe import linear_probe_top1
+
+        ev = self.p.cfg.evaluation
+        if ev.probe == "zero_shot":
+            from raysl.eval.probe import zero_shot_probe
+            from raysl.train.launch import init_ray
+
+            init_ray()
+            rep = zero_shot_probe(model_uri, ev.test or ev.train, label_column=ev.label_column,
+                                  tracking_uri=self.p.uri, log_to_mlflow=False)
+            return float(rep.scores["zero_shot_top1"])
+        encoder, spec, _ = tracking.load_encoder(model_uri, self.p.uri)
+        train, test = self._split(int(spec["image_size"]))
+        cpu = torch.device("cpu")
+        xtr = extract(encoder, train["image"], spec["mean"], spec["std"], cpu)
+        xte = extract(encoder, test["image"], spec["mean"], spec["std"], cpu)
+        ytr, yte = torch.from_numpy(train["label"]), torch.from_numpy(test["label"])
+        if ev.probe == "knn":
+            return knn_top1(xtr, ytr, xte, yte, k=ev.k)
+        return float(linear_probe_top1(xtr.numpy(), train["label"], xte.numpy(), test["label"]))

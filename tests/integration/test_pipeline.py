@@ -29,7 +29,7 @@ PRETRAIN = {
     "model": {"backbone": "resnet18", "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
     "method": {"projector_hidden": 128, "predictor_hidden": 128, "views": {"crop_scale": [0.3, 1.0]}},
     "optim": {"name": "adamw", "lr": 2e-3, "scale_lr": False, "weight_decay": 1e-4, "warmup_steps": 1},
-    "train": {"steps": 4, "batch_size": 32, "num_workers": 2, "log_every": 2, "checkpoint_every": 4,
+    "train": {"steps": 4, "batch_size": 32, "num_workers": 1, "log_every": 2, "checkpoint_every": 4,
               "torch_threads": 1},
     "tracking": {"experiment": "it-pipeline"},
 }
@@ -101,7 +101,7 @@ def test_pipeline_snapshot_gate_promote_idempotent(s3: S3, ray_cluster: None, wo
 
         # 2. data B lands; a margin no score can clear: trained (warm start from v1), registered, kept
         _upload_digits(s3, "pipe/data/b", train_idx[160:320])
-        second = run("gate.margin=1.0")
+        second = run("gate.margin=1.0", "validate_samples=0")  # validation: runs 1 and 6 (time)
         assert (second.status, second.version, champion()) == ("kept", "2", "1")
         v2 = client.get_model_version("it-pipe-encoder", "2")
         assert v2.tags["raysl.parent_version"] == "1" and v2.tags["raysl.gate"] == "kept"
@@ -123,7 +123,8 @@ def test_pipeline_snapshot_gate_promote_idempotent(s3: S3, ray_cluster: None, wo
 
         # 4. data C; killed after registering, before evaluating and promoting; the rerun promotes once
         _upload_digits(s3, "pipe/data/c", train_idx[320:400])
-        killed = _cli(["pipeline", "run", str(root / "pipeline.yaml"), "gate.margin=-1", "fault_after=pretrain"],
+        killed = _cli(["pipeline", "run", str(root / "pipeline.yaml"), "gate.margin=-1", "fault_after=pretrain",
+                       "validate_samples=0"],
                       env, timeout=600)
         assert killed.returncode == 137, killed.stderr[-3000:]
         assert versions() == ["1", "2", "3"] and champion() == "1"
