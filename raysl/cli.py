@@ -1,7 +1,7 @@
 """The `raysl` command: pretrain, probe, finetune, embed, data shard, demo, bench; submit, jobs, pipeline.
 
-Local by default (a Ray cluster started in-process, MLflow in ./mlflow.db); `--address` or $RAY_ADDRESS
-and $MLFLOW_TRACKING_URI point the same command at a cluster and a tracking server.
+Local by default (a Ray cluster started in-process, MLflow in ./mlflow.db); `raysl submit` runs any of these
+commands on a Ray cluster through the Jobs API, and $MLFLOW_TRACKING_URI points them at a tracking server.
 """
 
 from __future__ import annotations
@@ -126,7 +126,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raysl", description=__doc__)
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--address", help="on a cluster node: the Ray cluster's address (HEAD:6379 or auto; default "
+                                      "$RAY_ADDRESS, else a local cluster); from elsewhere use `raysl submit`")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--verbose", action="store_true", help="also show Ray's own output (progress bars, worker "
                                                           "logs, warnings); by default they go to log files")

@@ -60,6 +60,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     console.quiet_ray()
     verbose = console.is_verbose()  # worker and actor output reaches this console only with --verbose
     address = address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith("ray://"):
+        # Ray Client is not supported: Ray advises running Train and Data drivers on the cluster (Jobs API).
+        raise ValueError(f"--address {address}: Ray Client (ray://) is not supported; run the command on the "
+                         "cluster with `raysl submit --address http://HEAD:8265 -- <command>`, or pass the "
+                         "cluster's own address (HEAD:6379, or auto) on one of its nodes")
     if address:
         ctx = ray.init(address=address, log_to_driver=verbose)
     else:

@@ -130,3 +130,15 @@ def test_warm_start_loads_weights_and_refuses_another_architecture() -> None:
     assert torch.equal(dst.weight, src.weight)
     with pytest.raises(ValueError, match="does not fit"):
         warm_start(nn.Linear(5, 3), src.state_dict(), "ckpt")
+
+
+def test_cli_refuses_with_exit_code_3_while_the_lock_is_held(tmp_path: Path) -> None:
+    _write(tmp_path / "data" / "0.png")
+    cfg = tmp_path / "pipe.yaml"
+    cfg.write_text(f"name: p\ndata: {tmp_path / 'data'}\nstate: {tmp_path / 'state'}\nmodel_name: m\n"
+                   f"pretrain: {{config: byol}}\nevaluation: {{train: {tmp_path / 'labeled'}}}\n")
+    with PipelineLock(str(tmp_path / "state" / "p" / "lock.json"), ttl=60):
+        out = subprocess.run([sys.executable, "-m", "raysl.cli", "pipeline", "run", str(cfg)], capture_output=True,
+                             text=True, timeout=120)
+    assert out.returncode == 3, out.stderr
+    assert "another run of this pipeline holds" in out.stderr and f"pid {os.getpid()}" in out.stderr
