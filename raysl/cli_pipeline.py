@@ -38,11 +38,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     cfg, base = load_pipeline(args.file, args.overrides)
     p = Pipeline(cfg, base)
-    report = {"last_success": p._read("last_success.json"), "current": p._read("current.json"),
-              "lock": p._read("lock.json")}
+    report = {"last_success": p.read_state("last_success.json"), "current": p.read_state("current.json"),
+              "lock": p.read_state("lock.json")}
     current = (report["current"] or {}).get("snapshot")
     if current:
-        report["current_run"] = p._read(f"runs/{current}.json")
+        report["current_run"] = p.read_state(f"runs/{current}.json")
     print(json.dumps(report, indent=2, default=str))
     return 0
 

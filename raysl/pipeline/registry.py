@@ -46,7 +46,3 @@ def promote(uri: str, name: str, version: str) -> bool:
         return False
     tracking.client(uri).set_registered_model_alias(name, CHAMPION, version)
     return True
-
-
-def start_pipeline_run(uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> str:
-    return tracking.start_run(uri, experiment, run_name, {}, tags)

@@ -47,7 +47,7 @@ class Pipeline:
         self.uri = tracking.tracking_uri(cfg.tracking_uri)
 
     # -- state files ---------------------------------------------------------------------------------
-    def _read(self, name: str) -> dict[str, Any] | None:
+    def read_state(self, name: str) -> dict[str, Any] | None:
         try:
             return dict(json.loads(storage.read_bytes(f"{self.root}/{name}", self.s3)))
         except (FileNotFoundError, OSError):
@@ -81,10 +81,10 @@ class Pipeline:
             return self._finish(run)
 
     def _resume(self) -> dict[str, Any] | None:
-        current = self._read("current.json")
+        current = self.read_state("current.json")
         if not current or not current.get("snapshot"):
             return None
-        run = self._read(f"runs/{current['snapshot']}.json")
+        run = self.read_state(f"runs/{current['snapshot']}.json")
         if run is None or run.get("finished"):
             return None
         log.info("[%s] continuing unfinished run on snapshot %s (done: %s)", self.cfg.name, run["snapshot"],
@@ -94,18 +94,18 @@ class Pipeline:
     def _snapshot(self) -> dict[str, Any] | Outcome:
         cfg = self.cfg
         snap = snapshot.take(cfg.data, self.s3)
-        last = self._read("last_success.json") or {}
+        last = self.read_state("last_success.json") or {}
         if last.get("listing_hash") == snap.listing_hash:
             log.info("[%s] no new data under %s since snapshot %s (%d files): nothing to do", cfg.name,
                      redact(cfg.data), last.get("snapshot"), snap.count)
             return Outcome("noop", last.get("snapshot"), last.get("version"), reason="no new data")
-        earlier = self._read(f"runs/{snap.id}.json")
+        earlier = self.read_state(f"runs/{snap.id}.json")
         if earlier and earlier.get("finished"):
             raise PipelineError(f"snapshot {snap.id} was already handled ({earlier.get('outcome')}: "
                                 f"{earlier.get('reason', '')}); add or fix data under {redact(cfg.data)}")
         manifest = f"{self.root}/snapshots/{snap.id}{storage.SNAPSHOT_SUFFIX}"
         snapshot.write(snap, cfg.data, manifest, self.s3)
-        prun = registry.start_pipeline_run(self.uri, cfg.experiment, f"{cfg.name}-{snap.id}", {
+        prun = tracking.start_run(self.uri, cfg.experiment, f"{cfg.name}-{snap.id}", {}, {
             "raysl.pipeline": cfg.name, "raysl.snapshot": snap.id, "raysl.snapshot_manifest": manifest,
             "raysl.snapshot_files": str(snap.count), "raysl.snapshot_bytes": str(snap.bytes)})
         run: dict[str, Any] = {"snapshot": snap.id, "manifest": manifest, "listing_hash": snap.listing_hash,
