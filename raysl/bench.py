@@ -110,7 +110,7 @@ def ray_passes(uri: str, batch_size: int) -> Passes:
     from raysl.config import parse_config
     from raysl.data.sources import read_images
     from raysl.methods.byol import BYOL
-    from raysl.train.loop import NumpyCollate
+    from raysl.train.stream import NumpyCollate
 
     cfg = parse_config({"data": {"uri": uri}})  # data.format: auto, as in a default pretrain config
     ds = read_images(uri, fmt=cfg.data.format)

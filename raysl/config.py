@@ -133,6 +133,7 @@ class OptimConfig(Strict):
     warmup_steps: int = Field(10, ge=0)
     min_lr: float = Field(0.0, ge=0)
     weight_decay_end: float | None = Field(None, ge=0, description="cosine weight-decay schedule to this value")
+    clip_grad_norm: float | None = Field(None, gt=0, description="clip the global gradient norm to this value")
 
 
 class TrainConfig(Strict):
@@ -154,7 +155,14 @@ class TrainConfig(Strict):
     init_from: str | None = Field(None, description="warm start: a checkpoint folder (local or s3://) whose model "
                                   "weights start this run; optimizer and schedule start fresh")
     torch_threads: int | None = Field(None, ge=1)
-    fault_at_step: int | None = Field(None, ge=1, description="chaos testing: fail once at this step")
+    placement_timeout_s: float = Field(120.0, gt=0, description="how long to wait for the cluster to fit the "
+                                       "workers before failing with the resources asked and available")
+    lock_wait_s: float = Field(0.0, ge=0, description="a second run of this config waits this long for the first "
+                                "to finish, then refuses")
+    lock_ttl_s: float = Field(120.0, gt=0, description="a run lock whose holder stopped refreshing it is stale after "
+                               "this many seconds")
+    nan_at_steps: list[int] = Field(default_factory=list, description="chaos testing: make the batch NaN at these "
+                                    "steps (the step must be skipped and the model left as it was)")
 
 
 class TrackingConfig(Strict):
@@ -162,6 +170,8 @@ class TrackingConfig(Strict):
     experiment: str = "raysl"
     register_as: str | None = Field(None, description="registered model name; default raysl-<method>-encoder")
     alias: str = "candidate"
+    retry_s: float = Field(60.0, ge=0, description="how long registration (and marking a failed run) retries "
+                           "while MLflow does not answer")
     tags: dict[str, str] = Field(default_factory=dict, description="extra tags on the run and the registered "
                                  "version (downstream jobs record their source encoder here: lineage)")
 

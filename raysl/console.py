@@ -191,6 +191,8 @@ class Progress:
         return self.clock() - self.t0
 
     def update(self, metrics: Mapping[str, Any]) -> None:
+        if "step" not in metrics:  # a report that is not progress (a run that stops says why itself)
+            return
         now = self.clock()
         step = int(metrics.get("step", self.step))
         self.last = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}

@@ -110,7 +110,7 @@ def zero_shot_probe(model_uri: str, data_uri: str, *, label_column: str | None =
     """Zero-shot top-1 from class-name prompts, and image↔text recall@1/5/10 where the data has captions."""
     from raysl.config import PretrainConfig
     from raysl.eval.zero_shot import evaluate
-    from raysl.train.launch import load_labeled
+    from raysl.train.labeled import load_labeled
 
     uri = tracking.tracking_uri(tracking_uri)
     model, tree = load_full_model(model_uri, uri)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from raysl.config import PretrainConfig
-from raysl.data.sources import read_images, source_columns
+from raysl.data.sources import data_files, read_images, source_columns
 from raysl.storage import S3Settings, redact
 
 BatchFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -55,16 +55,24 @@ class Method(nn.Module, ABC):
                              f"that method {cfg.method.name!r} needs")
 
     @classmethod
-    def open_source(cls, cfg: PretrainConfig, s3: S3Settings) -> tuple[ray.data.Dataset, dict[str, int]]:
+    def source_files(cls, cfg: PretrainConfig, s3: S3Settings) -> list[str] | None:
+        """The corpus as a list of files, read once by the driver; each worker then reads its own part of a
+        seeded per-epoch order and can resume mid-epoch (raysl.train.stream). None: this method's source is not
+        a plain file list, and Ray Train splits the stream `open_source` builds."""
+        return data_files(cfg.data.uri, cfg.data.format, s3)
+
+    @classmethod
+    def open_source(cls, cfg: PretrainConfig, s3: S3Settings, files: list[str] | None = None,
+                    ) -> tuple[ray.data.Dataset, dict[str, int]]:
         """The training stream before the view transform, and data-quality counts for MLflow (e.g. skipped
-        boxes). Default: images (with captions or labels where the method requires them), files in a seeded
-        order."""
+        boxes). Default: images (with captions or labels where the method requires them). `files` set: exactly
+        those, in that order (a worker's part of an epoch); unset: every file, in a seeded order."""
         d = cfg.data
         captions = d.caption_column if "caption" in cls.required_columns else None
         labels = "label" in cls.required_columns
-        ds = read_images(d.uri, fmt=d.format, s3=s3, image_column=d.image_column, limit=d.limit, shuffle_files=True,
-                         caption_column=captions, with_labels=labels, label_column=d.label_column if labels else None,
-                         shuffle_seed=cfg.train.seed)
+        ds = read_images(d.uri, fmt=d.format, s3=s3, image_column=d.image_column, limit=d.limit,
+                         shuffle_files=files is None, files=files, caption_column=captions, with_labels=labels,
+                         label_column=d.label_column if labels else None, shuffle_seed=cfg.train.seed)
         return ds, {}
 
     @abstractmethod

@@ -77,7 +77,12 @@ class Detector(Method):
         check_categories(cfg, [n for _, n in index.categories], uri)
 
     @classmethod
-    def open_source(cls, cfg: PretrainConfig, s3: S3Settings) -> tuple[ray.data.Dataset, dict[str, int]]:
+    def source_files(cls, cfg: PretrainConfig, s3: S3Settings) -> list[str] | None:
+        return None  # images joined to COCO annotations: Ray Train splits the joined stream
+
+    @classmethod
+    def open_source(cls, cfg: PretrainConfig, s3: S3Settings, files: list[str] | None = None,
+                    ) -> tuple[ray.data.Dataset, dict[str, int]]:
         t = method_config(cfg, DetectConfig)
         ds, index = read_coco(cfg.data.uri, s3=s3, annotations=t.annotations, limit=cfg.data.limit)
         return ds, index.counts()

@@ -100,7 +100,8 @@ class Evaluator:
     def _split(self, image_size: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         from sklearn.model_selection import train_test_split
 
-        from raysl.train.launch import init_ray, load_labeled
+        from raysl.train.labeled import load_labeled
+        from raysl.train.launch import init_ray
 
         if image_size in self._splits:
             return self._splits[image_size]

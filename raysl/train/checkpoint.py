@@ -4,6 +4,7 @@ weights_only=True) plus the encoder alone as safetensors + JSON spec, ready to r
 from __future__ import annotations
 
 import io
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,10 @@ STATE_FILE = "state.pt"
 
 def save_checkpoint(folder: Path, *, method: nn.Module, encoder: nn.Module, spec: dict[str, Any],
                     optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
-                    counters: dict[str, int], full_config: dict[str, Any] | None = None) -> None:
-    """`full_config` set: also export the whole method (weights + the config that rebuilds it)."""
+                    counters: dict[str, int], full_config: dict[str, Any] | None = None,
+                    data_position: list[list[int]] | None = None) -> None:
+    """`full_config` set: also export the whole method (weights + the config that rebuilds it).
+    `data_position`: each worker's [epoch, batches taken], so a restart resumes the stream where it was."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {
         "step": step,
@@ -28,6 +31,7 @@ def save_checkpoint(folder: Path, *, method: nn.Module, encoder: nn.Module, spec
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "counters": dict(counters),
+        "data_position": data_position or [],
     }
     torch.save(state, folder / STATE_FILE)
     save_encoder_dir(folder, encoder, spec)
@@ -35,9 +39,25 @@ def save_checkpoint(folder: Path, *, method: nn.Module, encoder: nn.Module, spec
         save_full_dir(folder, method, full_config)
 
 
-def load_checkpoint(folder: Path) -> dict[str, Any]:
-    state: dict[str, Any] = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+class CheckpointRefused(ValueError):
+    """A checkpoint file that is not plain tensors and types (a pickle that would run code, say)."""
+
+
+def _load(source: Any, where: str) -> dict[str, Any]:
+    # weights_only=True: PyTorch's restricted unpickler builds tensors and plain containers only; anything
+    # else in the file (a class, a call such as os.system) is refused before it runs.
+    try:
+        state: dict[str, Any] = torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise CheckpointRefused(f"checkpoint {where} refused: it holds more than tensors and plain types, and raysl "
+                                f"never unpickles code ({first}); delete that checkpoint folder to resume from an "
+                                "earlier one") from None
     return state
+
+
+def load_checkpoint(folder: Path) -> dict[str, Any]:
+    return _load(folder / STATE_FILE, f"{STATE_FILE} of {folder.name}")
 
 
 def read_model_state(uri: str, s3: S3Settings | None = None) -> dict[str, torch.Tensor]:
@@ -46,8 +66,7 @@ def read_model_state(uri: str, s3: S3Settings | None = None) -> dict[str, torch.
         data = storage.read_bytes(f"{uri.rstrip('/')}/{STATE_FILE}", s3)
     except (FileNotFoundError, OSError) as exc:
         raise FileNotFoundError(f"train.init_from: no {STATE_FILE} under {storage.redact(uri)} ({exc})") from None
-    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    return dict(state["model"])
+    return dict(_load(io.BytesIO(data), storage.redact(uri))["model"])
 
 
 def warm_start(method: nn.Module, model_state: dict[str, torch.Tensor], source: str) -> None:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import ray.data
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -25,17 +24,22 @@ from ray.train.torch import TorchTrainer
 
 from raysl import console, storage, tracking
 from raysl.config import PretrainConfig, flatten
-from raysl.data.sources import read_images, source_columns
-from raysl.data.views import EvalView
+from raysl.lock import LockHeld, RunLock
 from raysl.methods import get_method
-from raysl.methods.base import describe_encoder
-from raysl.models.files import load_encoder_dir
-from raysl.storage import S3Settings, redact
+from raysl.storage import S3Settings, StorageError, redact
 from raysl.train.checkpoint import read_model_state
-from raysl.train.loop import train_loop_per_worker
+from raysl.train.labeled import load_labeled
+from raysl.train.loop import FATAL_KEY, train_loop_per_worker
+from raysl.train.register import RegistrationError, register_checkpoint
+from raysl.train.resources import check_fits
+from raysl.train.run_state import RunState, read_state, state_uri, write_state
+from raysl.train.stream import TRACE_ENV
 
 log = logging.getLogger(__name__)
-STATE_NAME = "raysl-run.json"
+
+
+class RunStopped(RuntimeError):
+    """The run stopped for a reason a retry would meet again (the message says which); not retried."""
 
 
 @dataclass
@@ -100,33 +104,11 @@ def run_name(cfg: PretrainConfig) -> str:
     if cfg.train.run_name:
         return cfg.train.run_name
     tree = cfg.model_dump(mode="json", exclude={"tracking": True, "eval": {"every"}})
-    for key in ("log_every", "fault_at_step", "max_failures"):  # how a run is watched, not what it trains
+    # how a run is watched and waited for, not what it trains
+    for key in ("log_every", "max_failures", "placement_timeout_s", "lock_wait_s", "lock_ttl_s"):
         tree["train"].pop(key, None)
     digest = hashlib.sha1(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.method.name}-{digest}"
-
-
-def load_labeled(uri: str, cfg: PretrainConfig, s3: S3Settings, label_column: str | None,
-                 max_samples: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Read a small labeled split into memory: uint8 images (N,3,H,W), int labels, class names."""
-    caption = cfg.data.caption_column if "caption" in source_columns(uri, s3=s3,
-                                                                      caption_column=cfg.data.caption_column) else None
-    ds = read_images(uri, s3=s3, with_labels=True, label_column=label_column, caption_column=caption)
-    ds = ds.map_batches(EvalView(cfg.model.image_size, cfg.data.max_image_pixels), batch_size=256)
-    parts = list(ds.iter_batches(batch_size=1024, batch_format="numpy"))
-    if not parts:
-        raise ValueError(f"labeled data {redact(uri)!r} yielded no samples")
-    cols = ("image", "label", "valid") + (("caption",) if caption else ())
-    cat = {k: np.concatenate([p[k] for p in parts]) for k in cols}
-    ok = cat["valid"].astype(bool)
-    classes, labels = np.unique(cat["label"][ok], return_inverse=True)
-    out = {"image": cat["image"][ok], "label": labels.astype(np.int64)}
-    if caption:
-        out["caption"] = cat["caption"][ok]
-    if max_samples is not None and len(labels) > max_samples:
-        pick = np.sort(np.random.default_rng(seed).choice(len(labels), max_samples, replace=False))
-        out = {k: v[pick] for k, v in out.items()}
-    return {**out, "classes": classes}
 
 
 def _storage(cfg: PretrainConfig, s3: S3Settings) -> tuple[str, Any]:
@@ -142,121 +124,151 @@ def checkpoint_uri(cfg: PretrainConfig, path: str) -> str:
     return redact(f"s3://{path}" if storage.is_s3(cfg.train.storage_path) and "://" not in path else path)
 
 
-def _registered(uri: str, name: str, run_id: str) -> str | None:
-    """The version this run already registered (a rerun after a crash between registering and recording it
-    must not register a second copy)."""
-    found = tracking.client(uri).search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    if not found:
-        return None
-    version = str(min(int(v.version) for v in found))
-    log.info("run %s already registered %s version %s; not registering again", run_id, name, version)
-    return version
-
-
-def _read_state(uri: str, s3: S3Settings) -> dict[str, Any]:
-    try:
-        return dict(json.loads(storage.read_bytes(uri, s3)))
-    except (FileNotFoundError, OSError):
-        return {}
+def _open_state(cfg: PretrainConfig, s3: S3Settings, name: str, resume: bool) -> tuple[str, RunState | None]:
+    uri = state_uri(cfg.train.storage_path, name)
+    state = read_state(uri, s3)
+    if resume and state is None:
+        raise ValueError(f"--resume: no earlier run {name!r} under {redact(cfg.train.storage_path)}")
+    return uri, state
 
 
 def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
+    """Train (or continue, or only register) the run this config names; one run of a config at a time."""
+    s3 = S3Settings.resolve(cfg.s3.endpoint_url, cfg.s3.region)
+    get_method(cfg.method.name).check_source(cfg, s3)
+    name = run_name(cfg)
+    lock_uri = f"{cfg.train.storage_path.rstrip('/')}/{name}/raysl-run.lock"
+    try:
+        lock = RunLock(lock_uri, ttl=cfg.train.lock_ttl_s, s3=s3, wait_s=cfg.train.lock_wait_s)
+        lock.acquire()
+    except LockHeld as exc:
+        raise LockHeld(f"run {name} is already running ({exc}); it is not started twice "
+                       "(train.lock_wait_s makes this one wait for it)") from None
+    except OSError as exc:
+        raise StorageError(f"train.storage_path {redact(cfg.train.storage_path)!r} is not writable: "
+                           f"{redact(str(exc))[:300]}") from None
+    try:
+        return _pretrain(cfg, s3, name, resume)
+    finally:
+        lock.release()
+
+
+def _pretrain(cfg: PretrainConfig, s3: S3Settings, name: str, resume: bool) -> PretrainResult:
     t_start = time.monotonic()
     method_cls = get_method(cfg.method.name)
-    s3 = S3Settings.resolve(cfg.s3.endpoint_url, cfg.s3.region)
-    method_cls.check_source(cfg, s3)
-    name = run_name(cfg)
-    state_uri = f"{cfg.train.storage_path.rstrip('/')}/{name}/{STATE_NAME}"
-    state = _read_state(state_uri, s3)
-    if resume and not state:
-        raise ValueError(f"--resume: no earlier run {name!r} under {redact(cfg.train.storage_path)}")
+    state_at, state = _open_state(cfg, s3, name, resume)
     uri = tracking.tracking_uri(cfg.tracking.tracking_uri)
     model_name = cfg.tracking.register_as or method_cls.default_model_name()
-    if state.get("complete"):
-        log.info("run %s already finished (model %s v%s); nothing to train", name, model_name,
-                 state.get("model_version"))
-        return PretrainResult(name, state["mlflow_run_id"] or "", model_name, state["model_version"],
-                              state["checkpoint"], state.get("metrics", {}))
+    if state is not None and state.complete:
+        log.info("run %s already finished (model %s v%s); nothing to train", name, model_name, state.model_version)
+        return PretrainResult(name, state.mlflow_run_id or "", model_name, str(state.model_version),
+                              str(state.checkpoint), state.metrics)
+    state = state or RunState()
+    run_id = _start_run(cfg, uri, name, state.mlflow_run_id)
+    state.mlflow_run_id = run_id or state.mlflow_run_id  # an outage on resume keeps the run id it had
+    write_state(state_at, state, s3)
+    log.info("MLflow run %s (%s), checkpoints under %s/%s", run_id, redact(uri), redact(cfg.train.storage_path),
+             name)
+    path, fs = _storage(cfg, s3)
+    if state.trained and state.checkpoint:  # trained earlier; only registration is left
+        log.info("run %s finished training earlier; registering its checkpoint %s", name, state.checkpoint)
+        ckpt = ray.train.Checkpoint(path=state.checkpoint, filesystem=fs)
+    else:
+        ckpt, state.metrics = _train(cfg, s3, name, uri, state.mlflow_run_id, path, fs)
+        state.trained, state.checkpoint = True, ckpt.path
+        write_state(state_at, state, s3)
+    version = _finish(cfg, uri, name, model_name, state, ckpt)
+    state.complete, state.model_version = True, version
+    write_state(state_at, state, s3)
+    ckpt_uri = redact(ckpt.path)
+    log.info("%s", console.summary(steps=int(state.metrics.get("step", cfg.train.steps)),
+                                   seconds=time.monotonic() - t_start, metrics=state.metrics,
+                                   model=f"models:/{model_name}@{cfg.tracking.alias} (version {version})",
+                                   tracking=redact(uri), run_id=state.mlflow_run_id, checkpoint=ckpt_uri))
+    return PretrainResult(name, state.mlflow_run_id or "", model_name, version, ckpt_uri, state.metrics)
 
+
+def _start_run(cfg: PretrainConfig, uri: str, name: str, previous: str | None) -> str | None:
     params = flatten(cfg.model_dump(mode="json"))
     tags = {"raysl.method": cfg.method.name, "raysl.run_name": name, "data_uri": redact(cfg.data.uri),
             **cfg.tracking.tags}
     if commit := tracking.git_commit():
         tags["git_commit"] = commit
     try:
-        run_id: str | None = tracking.start_run(uri, cfg.tracking.experiment, name, params, tags,
-                                                state.get("mlflow_run_id"))
+        return tracking.start_run(uri, cfg.tracking.experiment, name, params, tags, previous)
     except Exception as exc:  # noqa: BLE001 - an MLflow outage must not stop training
-        log.warning("MLflow at %s unavailable (%s): training without tracking", redact(uri), exc)
-        run_id = None
-    storage.write_bytes(state_uri, json.dumps({"mlflow_run_id": run_id}).encode(), s3)
-    log.info("MLflow run %s (%s), checkpoints under %s/%s", run_id, uri, redact(cfg.train.storage_path), name)
+        log.warning("MLflow at %s unavailable (%s): training without tracking until it answers", redact(uri),
+                    redact(str(exc))[:200])
+        return None
 
+
+def _train(cfg: PretrainConfig, s3: S3Settings, name: str, uri: str, run_id: str | None, path: str,
+           fs: Any) -> tuple[Any, dict[str, Any]]:
+    """Ray Train over this run's workers; (the final checkpoint, the last metrics)."""
+    method_cls = get_method(cfg.method.name)
     init_ray()
-    ds, data_counts = method_cls.open_source(cfg, s3)
-    if run_id and data_counts:
-        tracking.log_metrics(uri, run_id, {f"data_{k}": float(v) for k, v in data_counts.items()}, step=0)
-    ds = ds.map_batches(method_cls.view_transform(cfg), batch_size=64, batch_format="numpy")
-    if cfg.data.deterministic:
-        ds.context.execution_options.preserve_order = True
+    tc = cfg.train
+    check_fits(tc.num_workers, tc.cpus_per_worker, 1.0 if tc.use_gpu else 0.0, tc.placement_timeout_s)
+    files = method_cls.source_files(cfg, s3)
+    datasets: dict[str, Any] = {}
+    files_ref = None
+    if files is not None:  # each worker reads its own part of every epoch (raysl.train.stream)
+        files_ref = ray.put(files)
+        log.info("%d files; each of %d workers reads its part of a seeded order per epoch", len(files),
+                 tc.num_workers)
+    else:
+        ds, data_counts = method_cls.open_source(cfg, s3)
+        if run_id and data_counts:
+            tracking.log_metrics(uri, run_id, {f"data_{k}": float(v) for k, v in data_counts.items()}, step=0)
+        ds = ds.map_batches(method_cls.view_transform(cfg), batch_size=64, batch_format="numpy")
+        if cfg.data.deterministic:
+            ds.context.execution_options.preserve_order = True
+        datasets = {"train": ds}
     eval_ref = None
     if cfg.eval.uri:
-        labeled = load_labeled(cfg.eval.uri, cfg, s3, cfg.eval.label_column, cfg.eval.max_samples)
-        eval_ref = ray.put(labeled)
-    init_ref = None
-    if cfg.train.init_from:
-        init_ref = ray.put(read_model_state(cfg.train.init_from, s3))
-    path, fs = _storage(cfg, s3)
+        eval_ref = ray.put(load_labeled(cfg.eval.uri, cfg, s3, cfg.eval.label_column, cfg.eval.max_samples))
+    init_ref = ray.put(read_model_state(tc.init_from, s3)) if tc.init_from else None
     forward_reports, fetch_reports = console.train_reports()  # progress lines come from the driver, not workers
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": uri,
-                           "eval_ref": eval_ref, "init_ref": init_ref},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+                           "eval_ref": eval_ref, "init_ref": init_ref, "files_ref": files_ref,
+                           "trace_dir": os.environ.get(TRACE_ENV)},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=RunConfig(
             name=name, storage_path=path, storage_filesystem=fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
             callbacks=[forward_reports],
         ),
-        datasets={"train": ds},
+        datasets=datasets or None,
     )
-    log.info("training %s: %d steps, batch %d on %d workers", name, cfg.train.steps, cfg.train.batch_size,
-             cfg.train.num_workers)
+    log.info("training %s: %d steps, batch %d on %d workers", name, tc.steps, tc.batch_size, tc.num_workers)
     try:
-        with console.training_progress(cfg.train.steps, fetch_reports):
+        with console.training_progress(tc.steps, fetch_reports):
             result = trainer.fit()
     except Exception:
         if run_id:
             tracking.end_run(uri, run_id, status="FAILED")
         raise
-    if result.checkpoint is None:
-        raise RuntimeError(f"run {name} produced no checkpoint")
-    version = "unregistered"
-    with result.checkpoint.as_directory() as d:
-        encoder, spec = load_encoder_dir(Path(d))
-        spec.update(describe_encoder(cfg), source_run=run_id, **cfg.tracking.tags)
+    fatal = (result.metrics or {}).get(FATAL_KEY)
+    if fatal or result.checkpoint is None:
         if run_id:
-            try:
-                tracking.set_tags(uri, run_id, {"raysl.checkpoint": redact(result.checkpoint.path),
-                                                "raysl.checkpoint_uri": checkpoint_uri(cfg, result.checkpoint.path),
-                                                "raysl.checkpoint_dir": f"{redact(cfg.train.storage_path)}/{name}"})
-                version = (_registered(uri, model_name, run_id)
-                           or tracking.register_encoder(uri, run_id, encoder, spec, model_name, cfg.tracking.alias,
-                                                        full_dir=Path(d)))
-                tracking.end_run(uri, run_id)
-            except Exception as exc:  # noqa: BLE001 - the checkpoint holds the encoder; say where, do not crash
-                log.warning("could not register the encoder in MLflow (%s); it is in checkpoint %s", exc,
-                            redact(result.checkpoint.path))
-    ckpt_uri = redact(result.checkpoint.path)
-    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
-    storage.write_bytes(state_uri, json.dumps({
-        "mlflow_run_id": run_id, "complete": version != "unregistered", "model_version": version,
-        "checkpoint": ckpt_uri,
-        "metrics": metrics}).encode(), s3)
-    registered = f"models:/{model_name}@{cfg.tracking.alias} (version {version})" if version != "unregistered" else None
-    log.info("%s", console.summary(steps=int(metrics.get("step", cfg.train.steps)), seconds=time.monotonic() - t_start,
-                                   metrics=metrics, model=registered, tracking=redact(uri), run_id=run_id,
-                                   checkpoint=ckpt_uri))
-    return PretrainResult(name, run_id or "", model_name, version, ckpt_uri, metrics)
+            tracking.end_run(uri, run_id, status="FAILED")
+        raise RunStopped(f"run {name} stopped: {fatal or 'it produced no checkpoint'}")
+    return result.checkpoint, {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+
+
+def _finish(cfg: PretrainConfig, uri: str, name: str, model_name: str, state: RunState, ckpt: Any) -> str:
+    """Register the final checkpoint; the version. MLflow down since the start: the run is created now."""
+    run_id = state.mlflow_run_id or _start_run(cfg, uri, name, None)
+    if run_id is None:
+        raise RegistrationError(f"training finished but MLflow at {redact(uri)} did not answer, so the encoder "
+                                f"is not registered. The checkpoint {redact(ckpt.path)} is kept; run the same "
+                                "command again to register it without training again")
+    state.mlflow_run_id = run_id
+    tags = {"raysl.checkpoint": redact(ckpt.path), "raysl.checkpoint_uri": checkpoint_uri(cfg, ckpt.path),
+            "raysl.checkpoint_dir": f"{redact(cfg.train.storage_path)}/{name}"}
+    with ckpt.as_directory() as d:
+        return register_checkpoint(cfg, uri, run_id, model_name, Path(d), tags)

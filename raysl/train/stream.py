@@ -1,0 +1,181 @@
+"""Each training worker's data stream, with a position a checkpoint records and a restart resumes exactly.
+
+Ray Data's split hands blocks to whichever worker has the fewest rows and reseeds its file shuffle per
+execution, so after a restart a stream cannot be put back where it was (ray-project/ray#37633, #48224).
+raysl partitions by file instead, as MosaicML's streaming does for deterministic mid-epoch resumption: in
+epoch `e` the file list is permuted with a seed derived from (train.seed, e), worker `r` of `n` reads files
+`r::n` of that order as its own Ray Data stream (order preserved, local shuffle seeded by (seed, e, r)), and
+its position is (epoch, batches taken this epoch). A restarted worker rebuilds the same epoch stream and
+steps over the batches it had already taken (they are read again, not trained on): no image is seen twice
+in an epoch and none is skipped.
+
+A corpus with fewer files than workers (one Parquet file, say) is read whole by every worker, which keeps
+every `n`-th batch; sources that are not plain file lists (a COCO detection set, a held labeled subset) use
+Ray Train's own split and resume at the start of the stream's current pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from raysl.config import PretrainConfig
+from raysl.console import is_verbose
+from raysl.methods import get_method
+
+log = logging.getLogger(__name__)
+TRACE_ENV = "RAYSL_TRACE_KEYS"  # a folder: each worker appends "step epoch key" lines (resumption tests)
+
+
+@dataclass
+class Position:
+    epoch: int = 0
+    batches: int = 0  # batches taken (trained on or stepped over) in `epoch`
+
+    def as_list(self) -> list[int]:
+        return [self.epoch, self.batches]
+
+
+def epoch_files(files: list[str], seed: int, epoch: int, rank: int, world: int) -> tuple[list[str], int]:
+    """(files this worker reads in `epoch`, batch stride): a seeded permutation of the whole list, files
+    `rank::world` of it; with fewer files than workers every worker reads all and keeps every world-th batch."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(files))
+    ordered = [files[i] for i in order]
+    if len(files) >= world:
+        return ordered[rank::world], 1
+    return ordered, world
+
+
+class WorkerStream:
+    """Batches for one worker, epoch after epoch, from `open_epoch(files, epoch) -> iterator of batches`."""
+
+    def __init__(self, open_epoch: Callable[[list[str], int], Iterator[dict[str, Any]]], files: list[str], *,
+                 seed: int, rank: int, world: int, start: Position | None = None) -> None:
+        self.open_epoch, self.files = open_epoch, files
+        self.seed, self.rank, self.world = seed, rank, world
+        self.position = start or Position()
+        self._skip = self.position.batches  # batches of the resumed epoch to step over
+        self._it: Iterator[dict[str, Any]] | None = None
+        self._index = 0  # batches drawn from the current epoch's iterator (before striding)
+
+    def _open(self) -> None:
+        part, self._stride = epoch_files(self.files, self.seed, self.position.epoch, self.rank, self.world)
+        self._it, self._index = self.open_epoch(part, self.position.epoch), 0
+        if self._skip:
+            log.info("rank %d: resuming epoch %d after %d batches", self.rank, self.position.epoch, self._skip)
+
+    def _draw(self) -> dict[str, Any] | None:
+        assert self._it is not None
+        while True:
+            b = next(self._it, None)
+            if b is None:
+                return None
+            i, self._index = self._index, self._index + 1
+            if self._stride == 1 or i % self._stride == self.rank:
+                return b
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        empty_epochs = 0
+        while True:
+            if self._it is None:
+                self._open()
+            b = self._draw()
+            if b is None:  # the epoch is over: the next one has a new order
+                if self._index == 0 and not self._skip:
+                    empty_epochs += 1
+                    if empty_epochs > 1:
+                        raise RuntimeError("this worker's data yields no full batch: the corpus is smaller than "
+                                           "train.batch_size")
+                self.position = Position(self.position.epoch + 1, 0)
+                self._it, self._skip = None, 0
+                continue
+            if self._skip:
+                self._skip -= 1
+                continue
+            self.position.batches += 1
+            return b
+
+
+def restore_position(saved: Any, rank: int, world: int) -> Position:
+    """This rank's position from a checkpoint's `data_position` (one [epoch, batches] per rank). Saved by a
+    different number of workers: the partition differs, so the epoch restarts (said in the log)."""
+    if not saved:
+        return Position()
+    if len(saved) != world:
+        epoch = min(int(p[0]) for p in saved)
+        log.warning("checkpoint was taken by %d workers, this run has %d: epoch %d restarts from its first batch",
+                    len(saved), world, epoch)
+        return Position(epoch, 0)
+    epoch, batches = saved[rank]
+    return Position(int(epoch), int(batches))
+
+
+def trace(step: int, epoch: int, keys: Any, rank: int) -> None:
+    """With $RAYSL_TRACE_KEYS set, record which samples this step trained on (tests of exact resumption)."""
+    folder = os.environ.get(TRACE_ENV)
+    if not folder:
+        return
+    with open(os.path.join(folder, f"rank{rank}.txt"), "a") as f:
+        f.writelines(f"{step} {epoch} {k}\n" for k in np.asarray(keys).astype(str))
+
+
+class NumpyCollate(NumpyBatchCollateFn):
+    """Numeric columns → tensors; string columns (keys, labels) stay as numpy for bookkeeping."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:  # type: ignore[override]
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) if v.dtype.kind in "biuf" else v
+                for k, v in batch.items()}
+
+
+def batches_from_shard(shard: Any, batch_size: int, shuffle_buffer: int, seed: int) -> Iterator[dict[str, Any]]:
+    epoch = 0
+    while True:
+        n = 0
+        for b in shard.iter_torch_batches(
+            batch_size=batch_size, drop_last=True, collate_fn=NumpyCollate(), prefetch_batches=2,
+            local_shuffle_buffer_size=shuffle_buffer or None, local_shuffle_seed=seed + epoch,
+        ):
+            n += 1
+            yield b
+        if n == 0:
+            raise RuntimeError(f"this worker's data shard yields no full batch of {batch_size}: "
+                               "the corpus is smaller than train.batch_size")
+        epoch += 1
+
+
+def epoch_reader(cfg: PretrainConfig, batch_size: int, rank: int, world: int
+                  ) -> Callable[[list[str], int], Iterator[dict[str, Any]]]:
+    """`(files, epoch) → batches`: this worker's own Ray Data stream over `files`, order preserved and the local
+    shuffle seeded by (seed, epoch, rank), so the same epoch replays the same batches."""
+    import ray.data
+
+    from raysl.storage import S3Settings
+
+    method_cls = get_method(cfg.method.name)
+    s3 = S3Settings.resolve(cfg.s3.endpoint_url, cfg.s3.region)
+    if not is_verbose():
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = ctx.enable_operator_progress_bars = ctx.print_on_execution_start = False
+    if cfg.data.limit:  # data.limit is for the whole run: each worker reads its part of it
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"limit": -(-cfg.data.limit // world)})})
+
+    def open_epoch(files: list[str], epoch: int) -> Iterator[dict[str, Any]]:
+        ds, _ = method_cls.open_source(cfg, s3, files=files)
+        ds = ds.map_batches(method_cls.view_transform(cfg), batch_size=64, batch_format="numpy")
+        ds.context.execution_options.preserve_order = True
+        return iter(ds.iter_torch_batches(
+            batch_size=batch_size, drop_last=True, collate_fn=NumpyCollate(), prefetch_batches=2,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=(cfg.train.seed * 1_000_003 + epoch) * 1009 + rank))
+
+    return open_epoch

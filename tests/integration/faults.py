@@ -1,0 +1,146 @@
+"""Fault injection for the fault-table tests: a TCP proxy that can cut a connection, processes to kill, and
+what a real run leaves behind to wait for (checkpoints on disk or in S3, trace files of the samples trained on).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+class Proxy:
+    """Forwards 127.0.0.1:<port> to a target port. `cut()` closes every open connection and refuses new ones
+    (the endpoint is unreachable) until `resume()`, on the same port."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._stop = False
+        self.resume()
+
+    def _listen(self) -> socket.socket:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        for _ in range(100):  # the port may linger for a moment after a cut
+            try:
+                s.bind(("127.0.0.1", self.port))
+                break
+            except OSError:
+                time.sleep(0.1)
+        s.listen(64)
+        return s
+
+    def resume(self) -> None:
+        self._listener = self._listen()
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        with self._lock:
+            for c in self._conns:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                c.close()
+            self._conns.clear()
+
+    def close(self) -> None:
+        self._stop = True
+        self.cut()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
+
+    def _pipe(self, a: socket.socket, b: socket.socket) -> None:
+        try:
+            while True:
+                ready, _, _ = select.select([a, b], [], [], 1.0)
+                for src in ready:
+                    data = src.recv(65536)
+                    if not data:
+                        return
+                    (b if src is a else a).sendall(data)
+        except (OSError, ValueError):
+            return
+        finally:
+            for s in (a, b):
+                s.close()
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 300.0, every: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+        time.sleep(every)
+
+
+def local_checkpoints(storage: Path, run: str) -> list[Path]:
+    return sorted((storage / run).glob("checkpoint_*"))
+
+
+def registered_checkpoints(storage: Path, run: str) -> int:
+    """Checkpoints Ray Train's controller has taken in (its snapshot beside them). A checkpoint folder exists
+    before that; a worker killed in between restarts from the one before, as Ray means it to."""
+    import json
+
+    snap = storage / run / "checkpoint_manager_snapshot.json"
+    try:
+        return len(json.loads(snap.read_text()).get("checkpoint_results", []))
+    except (OSError, ValueError):
+        return 0
+
+
+def train_worker_pids() -> list[int]:
+    """PIDs of the live Ray Train worker actors, from Ray's state API (the dashboard of the test cluster)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False)
+    return [int(a.pid) for a in actors if "TrainWorker" in str(a.class_name) and a.pid]
+
+
+def sigkill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+
+
+def read_trace(folder: Path) -> dict[int, list[list[tuple[int, int, str]]]]:
+    """rank → attempts, each a list of (step, epoch, key) in the order trained; a new attempt starts where the
+    step number goes back (a restart replays from its checkpoint)."""
+    out: dict[int, list[list[tuple[int, int, str]]]] = {}
+    for f in sorted(folder.glob("rank*.txt")):
+        attempts: list[list[tuple[int, int, str]]] = [[]]
+        for line in f.read_text().splitlines():
+            step, epoch, key = line.split(" ", 2)
+            row = (int(step), int(epoch), key)
+            if attempts[-1] and row[0] < attempts[-1][-1][0]:
+                attempts.append([])
+            attempts[-1].append(row)
+        out[int(f.stem[4:])] = attempts
+    return out

@@ -1,0 +1,70 @@
+"""Each worker's stream: a seeded file partition per epoch, and a position that resumes exactly."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from raysl.train.stream import Position, WorkerStream, epoch_files, restore_position
+
+FILES = [f"f{i:02d}" for i in range(10)]
+
+
+def reader(per_batch: int = 2) -> Any:
+    """A stand-in for a worker's Ray Data epoch: batches of file names in the order given."""
+    def open_epoch(files: list[str], epoch: int) -> Iterator[dict[str, Any]]:
+        for i in range(0, len(files) - per_batch + 1, per_batch):  # drop_last, as the real reader
+            yield {"key": files[i : i + per_batch], "epoch": epoch}
+    return open_epoch
+
+
+def take(stream: WorkerStream, n: int) -> list[tuple[int, tuple[str, ...]]]:
+    return [(b["epoch"], tuple(b["key"])) for b in (next(stream) for _ in range(n))]
+
+
+def test_partitions_cover_every_file_once_and_change_per_epoch() -> None:
+    parts = [epoch_files(FILES, seed=3, epoch=0, rank=r, world=3)[0] for r in range(3)]
+    assert sorted(sum(parts, [])) == FILES
+    assert epoch_files(FILES, 3, 0, 0, 3) == epoch_files(FILES, 3, 0, 0, 3)  # seeded
+    assert epoch_files(FILES, 3, 1, 0, 3)[0] != parts[0]  # a new order each epoch
+    assert epoch_files(FILES[:1], 3, 0, 1, 2) == (FILES[:1], 2)  # fewer files than workers: stride
+
+
+@pytest.mark.parametrize("stop_after", [1, 2, 3, 5, 7])
+def test_resume_from_a_saved_position_replays_exactly(stop_after: int) -> None:
+    whole = take(WorkerStream(reader(), FILES, seed=1, rank=1, world=2), 10)
+    first = WorkerStream(reader(), FILES, seed=1, rank=1, world=2)
+    seen = take(first, stop_after)
+    saved = [[0, 0], first.position.as_list()]  # as a checkpoint holds it: one entry per rank
+    again = WorkerStream(reader(), FILES, seed=1, rank=1, world=2, start=restore_position(saved, 1, 2))
+    assert seen + take(again, 10 - stop_after) == whole
+    epoch0 = [k for e, b in whole if e == 0 for k in b]
+    assert len(epoch0) == len(set(epoch0))  # no file twice in an epoch
+
+
+def test_position_counts_batches_and_rolls_over_epochs() -> None:
+    s = WorkerStream(reader(), FILES, seed=0, rank=0, world=1)
+    take(s, 5)
+    assert s.position == Position(0, 5)
+    take(s, 1)
+    assert s.position == Position(1, 1)
+
+
+def test_stride_when_files_are_fewer_than_workers() -> None:
+    files = ["only"]
+
+    def rows(_: list[str], epoch: int) -> Iterator[dict[str, Any]]:
+        yield from ({"key": [f"b{i}"], "epoch": epoch} for i in range(6))
+
+    r0 = take(WorkerStream(rows, files, seed=0, rank=0, world=2), 3)
+    r1 = take(WorkerStream(rows, files, seed=0, rank=1, world=2), 3)
+    assert [b for _, b in r0] == [("b0",), ("b2",), ("b4",)] and [b for _, b in r1] == [("b1",), ("b3",), ("b5",)]
+
+
+def test_other_world_size_restarts_the_epoch_and_empty_data_fails() -> None:
+    assert restore_position([[2, 7], [2, 5]], 0, 4) == Position(2, 0)
+    assert restore_position([], 0, 2) == Position()
+    with pytest.raises(RuntimeError, match="smaller than train.batch_size"):
+        next(WorkerStream(reader(per_batch=20), FILES, seed=0, rank=0, world=1))
