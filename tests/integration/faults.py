@@ -103,19 +103,25 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 300.0, every
 
 
 def local_checkpoints(storage: Path, run: str) -> list[Path]:
-    return sorted((storage / run).glob("checkpoint_*"))
+    return sorted(p for p in (storage / run).glob("checkpoint_*") if p.is_dir())
 
 
-def registered_checkpoints(storage: Path, run: str) -> int:
-    """Checkpoints Ray Train's controller has taken in (its snapshot beside them). A checkpoint folder exists
-    before that; a worker killed in between restarts from the one before, as Ray means it to."""
+def registered_checkpoint_dirs(storage: Path, run: str) -> list[Path]:
+    """Checkpoints Ray Train's controller has taken in (its snapshot beside them), oldest first: what a restart
+    resumes from. A checkpoint folder exists before that; a process killed in between leaves one behind that
+    Ray never took in, and a restart resumes from the one before, as Ray means it to."""
     import json
 
     snap = storage / run / "checkpoint_manager_snapshot.json"
     try:
-        return len(json.loads(snap.read_text()).get("checkpoint_results", []))
+        results = json.loads(snap.read_text()).get("checkpoint_results", [])
     except (OSError, ValueError):
-        return 0
+        return []
+    return [storage / run / r["checkpoint_dir_name"] for r in results]
+
+
+def registered_checkpoints(storage: Path, run: str) -> int:
+    return len(registered_checkpoint_dirs(storage, run))
 
 
 def train_worker_pids() -> list[int]:

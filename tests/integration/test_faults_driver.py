@@ -21,7 +21,7 @@ from raysl.train.launch import pretrain
 
 from .conftest import RayHead
 from .fault_data import byol_cfg, history, write_poisoned
-from .faults import local_checkpoints, registered_checkpoints, wait_for
+from .faults import registered_checkpoint_dirs, registered_checkpoints, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -38,7 +38,7 @@ class _RunsCode:
 
 def _raysl(args: list[str], head: RayHead, log: Path) -> subprocess.Popen[bytes]:
     env = head.env(RAY_ADDRESS=head.gcs_address, RAY_AUTH_MODE="token")
-    return subprocess.Popen([sys.executable, "-m", "raysl", *args], env=env, stdout=log.open("wb"),
+    return subprocess.Popen([str(Path(sys.executable).parent / "raysl"), *args], env=env, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -52,13 +52,14 @@ def test_killed_driver_rerun_resumes_and_poisoned_checkpoint_is_refused(
     config = workspace / "faults-driver.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
 
-    first = _raysl(["pretrain", str(config)], ray_head, workspace / "driver-first.log")
+    first = _raysl(["pretrain", "--config", str(config)], ray_head, workspace / "driver-first.log")
     try:
         wait_for("the first driver's second checkpoint", lambda: registered_checkpoints(storage, "killed-driver") >= 2
                  or first.poll() is not None, timeout=240)
         assert first.poll() is None, (workspace / "driver-first.log").read_text()[-3000:]
-        second = subprocess.run([sys.executable, "-m", "raysl", "pretrain", str(config)], capture_output=True,
-                                text=True, timeout=120, env=ray_head.env(RAY_ADDRESS=ray_head.gcs_address))
+        second = subprocess.run([str(Path(sys.executable).parent / "raysl"), "pretrain", "--config", str(config)],
+                                capture_output=True, text=True, timeout=120,
+                                env=ray_head.env(RAY_ADDRESS=ray_head.gcs_address))
         assert second.returncode != 0
         assert "already running" in second.stderr + second.stdout
         os.killpg(first.pid, signal.SIGKILL)
@@ -66,16 +67,17 @@ def test_killed_driver_rerun_resumes_and_poisoned_checkpoint_is_refused(
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
-    ckpts = local_checkpoints(storage, "killed-driver")
-    latest = ckpts[-1]
+    ckpts = registered_checkpoint_dirs(storage, "killed-driver")
+    latest = ckpts[-1]  # what a rerun resumes from
     assert len(ckpts) >= 2  # the first driver got this far, and no further: it was killed, not finished
+    target = _step(latest) + 4
 
     # A checkpoint whose state.pt would run code when unpickled: refused, nothing runs.
     marker = workspace / "pwned"
     real = workspace / "state.pt.real"
     shutil.copy(latest / STATE_FILE, real)
     (latest / STATE_FILE).write_bytes(pickle.dumps({"step": _RunsCode(marker)}))
-    short = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 400})})
+    short = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": target})})
     with pytest.raises(Exception, match="refused") as refused:
         pretrain(short)
     assert not marker.exists(), "the poisoned checkpoint ran code"
@@ -84,8 +86,7 @@ def test_killed_driver_rerun_resumes_and_poisoned_checkpoint_is_refused(
     # The real checkpoint back: the rerun resumes from it into the same MLflow run. Fewer steps than the killed
     # run asked for keep the test short; the run name (set) is what ties the two together.
     shutil.copy(real, latest / STATE_FILE)
-    again = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": _resume_target(storage)})})
-    result = pretrain(again)
+    result = pretrain(short)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_server)
@@ -93,14 +94,11 @@ def test_killed_driver_rerun_resumes_and_poisoned_checkpoint_is_refused(
                               filter_string="tags.`raysl.run_name` = 'killed-driver'")
     assert [r.info.run_id for r in runs] == [result.run_id]  # one MLflow run across the kill
     resumed = history(mlflow_server, result.run_id, "resumed_from_step")
-    assert resumed and resumed[-1][1] >= 8
+    assert resumed and resumed[-1][1] == target - 4  # from the checkpoint the killed driver left
     assert client.get_run(result.run_id).info.status == "FINISHED"
 
 
-def _resume_target(storage: Path) -> int:
-    """A few steps past the newest checkpoint the killed run left."""
+def _step(checkpoint: Path) -> int:
     import torch
 
-    newest = local_checkpoints(storage, "killed-driver")[-1]
-    step = int(torch.load(newest / STATE_FILE, weights_only=True)["step"])
-    return step + 4
+    return int(torch.load(checkpoint / STATE_FILE, weights_only=True)["step"])

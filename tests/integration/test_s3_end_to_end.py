@@ -107,3 +107,35 @@ def test_shard_pretrain_register_probe_over_s3(s3: S3, mlflow_server: str, ray_c
     assert mv.tags["raysl.label_fraction"] == "0.1" and mv.tags["raysl.init"] == "pretrained"
     assert float(mv.tags["test_top1"]) == pytest.approx(top1["pretrained"], abs=1e-4)
     assert client.get_model_version_by_alias("it-e2e-classifier-scratch", "candidate").tags["raysl.init"] == "random"
+
+
+def test_shard_rerun_is_refused_and_overwrite_leaves_one_copy(s3: S3, ray_cluster: None, workspace: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`a/b.png`, `a_b.png` and `a.b.png` once shared the key `a_b` (merged in a tar); a second run into the same
+    prefix once appended a second copy of every sample while the manifest counted one."""
+    import numpy as np
+
+    from raysl.data.sources import read_images
+
+    from .conftest import png
+
+    folder = workspace / "colliding-names"
+    (folder / "a").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("a/b.png", "a_b.png", "a.b.png", "c.png"):
+        (folder / name).write_bytes(png(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)))
+    uri = f"s3://{s3.bucket}/rerun/wds"
+    args = ["data", "shard", str(folder), uri, "--format", "webdataset"]
+    assert cli(args) == 0
+    first = sorted(k for k in s3.keys("rerun/wds/") if not k.endswith("/"))  # objects, not folder markers
+    capsys.readouterr()
+    assert cli(args) == 2  # refused, untouched
+    assert f"holds {len(first)} object(s)" in capsys.readouterr().err
+    assert sorted(k for k in s3.keys("rerun/wds/") if not k.endswith("/")) == first
+    assert cli([*args, "--overwrite"]) == 0
+    manifest = json.loads(s3.client().get_object(Bucket=s3.bucket, Key="rerun/wds/manifest.json")["Body"].read())
+    assert manifest["count"] == 4 and manifest["bad"] == 0
+    objects = [k for k in s3.keys("rerun/wds/") if not k.endswith("/")]
+    assert len(objects) == len(manifest["shards"]) + 1, objects  # the new shards and the manifest, no more
+    keys = [str(k) for b in read_images(uri).iter_batches(batch_size=None, batch_format="numpy") for k in b["key"]]
+    assert len(keys) == 4 and len(set(keys)) == 4, keys
