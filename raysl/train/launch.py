@@ -29,7 +29,7 @@ from raysl.methods import get_method
 from raysl.storage import S3Settings, StorageError, redact
 from raysl.train.checkpoint import read_model_state
 from raysl.train.labeled import load_labeled
-from raysl.train.loop import FATAL_KEY, train_loop_per_worker
+from raysl.train.loop import FATAL_FILE, train_loop_per_worker
 from raysl.train.register import RegistrationError, register_checkpoint
 from raysl.train.resources import check_fits
 from raysl.train.run_state import RunState, read_state, state_uri, write_state
@@ -229,11 +229,15 @@ def _train(cfg: PretrainConfig, s3: S3Settings, name: str, uri: str, run_id: str
         eval_ref = ray.put(load_labeled(cfg.eval.uri, cfg, s3, cfg.eval.label_column, cfg.eval.max_samples))
     init_ref = ray.put(read_model_state(tc.init_from, s3)) if tc.init_from else None
     forward_reports, fetch_reports = console.train_reports()  # progress lines come from the driver, not workers
+    fatal_uri = f"{tc.storage_path.rstrip('/')}/{name}/{FATAL_FILE}"
+    if storage.exists(fatal_uri, s3):  # the reason an earlier attempt stopped; this one may not
+        fatal_fs, fatal_path = storage.resolve(fatal_uri, s3)
+        fatal_fs.delete_file(fatal_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": uri,
                            "eval_ref": eval_ref, "init_ref": init_ref, "files_ref": files_ref,
-                           "trace_dir": os.environ.get(TRACE_ENV)},
+                           "trace_dir": os.environ.get(TRACE_ENV), "fatal_uri": fatal_uri},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=RunConfig(
@@ -252,7 +256,7 @@ def _train(cfg: PretrainConfig, s3: S3Settings, name: str, uri: str, run_id: str
         if run_id:
             tracking.end_run(uri, run_id, status="FAILED")
         raise
-    fatal = (result.metrics or {}).get(FATAL_KEY)
+    fatal = storage.read_bytes(fatal_uri, s3).decode() if storage.exists(fatal_uri, s3) else None
     if fatal or result.checkpoint is None:
         if run_id:
             tracking.end_run(uri, run_id, status="FAILED")

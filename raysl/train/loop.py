@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from raysl import storage
 from raysl.config import PretrainConfig
 from raysl.figures import batch_png
 from raysl.methods import get_method
@@ -96,18 +97,23 @@ class FatalError(RuntimeError):
     a loss that stays NaN): reported to the driver instead of raised, so Ray Train does not restart for it."""
 
 
-FATAL_KEY = "raysl_fatal"
+FATAL_FILE = "raysl-stopped.txt"
 
 
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
     try:
-        _train(loop_cfg, ctx.get_world_rank(), ctx.get_world_size())
+        _train(loop_cfg, rank, ctx.get_world_size())
     except FatalError as exc:
-        # Every rank reaches this together (set-up errors happen on all; the loop's stops are decided on
-        # all-reduced counts), so the report below is the same collective call on each.
+        # Every rank gets here together (set-up errors happen on all; the loop's stops are decided on all-reduced
+        # counts), and returns: Ray Train sees a finished run, not a failure to retry. Rank 0 leaves the reason
+        # beside the checkpoints for the driver, which raises it (Ray Train's result only carries the metrics
+        # of the last checkpoint).
         cause = exc.__cause__ or exc
-        ray.train.report({FATAL_KEY: f"{type(cause).__name__}: {cause}"})
+        log.error("rank %d stops: %s", rank, cause)
+        if rank == 0 and loop_cfg.get("fatal_uri"):
+            storage.write_bytes(str(loop_cfg["fatal_uri"]), f"{type(cause).__name__}: {cause}".encode())
 
 
 def _setup_error(exc: Exception) -> bool:
