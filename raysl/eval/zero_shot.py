@@ -3,7 +3,7 @@
 Zero-shot: every class name is put into several prompt templates, the text embeddings of one class are
 averaged (and re-normalized), and an image gets the class whose embedding is nearest. Retrieval: each
 held-out image and its own caption form a pair; recall@K is the share of queries whose partner is among
-the K nearest candidates, image→text and text→image.
+the K nearest candidates, image→text and text→image, where repeated caption texts count as one candidate.
 """
 
 from __future__ import annotations
@@ -73,26 +73,35 @@ def zero_shot_top1(img_emb: torch.Tensor, labels: np.ndarray, cls_emb: torch.Ten
 def retrieval_recall(img_emb: torch.Tensor, txt_emb: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
                      captions: Sequence[str] | None = None) -> dict[str, float]:
     """Image i and caption i are a pair. Recall@K: the share of queries whose best correct candidate has
-    fewer than K wrong candidates scoring above it.
+    fewer than K wrong candidates scoring above it (a tie does not count against the query).
 
-    With `captions`, identical caption texts are one answer (as COCO counts any of an image's captions):
-    for an image, every caption equal to its own is correct; for a caption, every image carrying that
-    text is. Without this, templated or short captions would make the metric a lottery among duplicates.
+    With `captions`, candidates and queries are the DISTINCT caption texts (as COCO counts any of an image's
+    captions as right). Image→text: every image is a query and ranks the distinct texts; copies of one text
+    collapse to one candidate scored by the mean similarity over its copies (identical texts have identical
+    embeddings, so this is their score), and the right answer is the image's own text. Text→image: every
+    distinct text is one query (not one per copy, so a frequent text does not weigh more); its right answers
+    are all the images carrying it, and it is a hit when any of them is in the top K. Without this, a wrong
+    text used by many images counts as many wrong answers, and templated captions ("a photo of a cat") made
+    R@1 = R@5 = R@10. With all captions unique (or `captions=None`) both reduce to the plain pairwise recall.
     """
     sim = img_emb @ txt_emb.T  # (N images, N captions)
     n = len(sim)
     if captions is None:
-        correct = torch.eye(n, dtype=torch.bool)
+        group = torch.arange(n)
     else:
-        _, group = np.unique(np.asarray([str(c) for c in captions]), return_inverse=True)
-        g = torch.from_numpy(group.reshape(-1))
-        correct = g.unsqueeze(1) == g.unsqueeze(0)  # (N, N): image i's caption text == caption j's text
+        _, inverse = np.unique(np.asarray([str(c) for c in captions]), return_inverse=True)
+        group = torch.from_numpy(inverse.reshape(-1)).long()
+    n_texts = int(group.max()) + 1 if n else 0
+    copies = torch.bincount(group, minlength=n_texts).to(sim.dtype)
+    # (N images, G texts): mean similarity over each text's copies
+    sim_g = torch.zeros(n, n_texts, dtype=sim.dtype).index_add_(1, group, sim) / copies
+    correct = group.unsqueeze(1) == torch.arange(n_texts).unsqueeze(0)  # image i carries text g
     out: dict[str, float] = {}
-    for name, s in (("i2t", sim), ("t2i", sim.T)):
-        best = s.masked_fill(~correct, float("-inf")).max(dim=1, keepdim=True).values  # (N, 1)
-        rank = ((s > best) & ~correct).sum(dim=1)  # wrong candidates ranked above the best right one
+    for name, s, right in (("i2t", sim_g, correct), ("t2i", sim_g.T, correct.T)):
+        best = s.masked_fill(~right, float("-inf")).max(dim=1, keepdim=True).values  # best right answer
+        rank = ((s > best) & ~right).sum(dim=1)  # wrong candidates ranked above the best right one
         for k in ks:
-            out[f"{name}_recall_at_{k}"] = float((rank < k).float().mean())
+            out[f"{name}_recall_at_{k}"] = float((rank < k).float().mean()) if len(rank) else 0.0
     return out
 
 

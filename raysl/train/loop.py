@@ -261,7 +261,7 @@ def _loop(cfg: PretrainConfig, loop_cfg: dict[str, Any], rank: int, world: int, 
             ray.train.report(metrics, checkpoint=checkpoint)
         t0 = time.perf_counter()
     if tracker is not None:
-        tracker.close()
+        tracker.close(timeout=max(30.0, cfg.tracking.retry_s))  # an outage at the end: flush once it is back
 
 
 def _positions(stream: WorkerStream | None, rank: int, world: int) -> list[list[int]] | None:

@@ -1,30 +1,33 @@
-"""Pieces of the training loop that decide what a step does: bad rows and non-finite gradients."""
+"""Pieces of the training loop that decide what a step trains on: bad rows are dropped, counted and named, and
+a batch with fewer than two good rows is replaced by the next one, never trained on as zeros."""
+
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 
-from raysl.train.loop import _filter_valid, _grads_finite
+from raysl.train.loop import _valid_batch
+
+
+def batches(*valid: list[bool]) -> Iterator[dict[str, Any]]:
+    start = 0
+    for v in valid:
+        n = len(v)
+        yield {"view1": torch.arange(start, start + n).view(n, 1), "valid": torch.tensor(v),
+               "key": np.array([f"k{i}" for i in range(start, start + n)])}
+        start += n
 
 
 def test_bad_rows_are_dropped_counted_and_named() -> None:
-    batch = {"view1": torch.arange(5).view(5, 1), "view2": torch.arange(5).view(5, 1),
-             "valid": torch.tensor([True, False, True, False, True]), "key": np.array(list("abcde"))}
-    out, n_bad, keys = _filter_valid(batch, ("view1", "view2"))
-    assert n_bad == 2 and keys == ["b", "d"]
-    assert out["view1"].flatten().tolist() == [0, 2, 4] and set(out) == {"view1", "view2"}
+    counters = {"seen": 0, "bad_images": 0}
+    out, keys = _valid_batch(batches([True, False, True, False, True]), ("view1",), counters)
+    assert counters == {"seen": 5, "bad_images": 2} and keys == ["k1", "k3"]
+    assert out["view1"].flatten().tolist() == [0, 2, 4] and out["key"].tolist() == ["k0", "k2", "k4"]
 
 
-def test_nearly_all_bad_batch_is_kept_whole() -> None:
-    batch = {"view1": torch.zeros(3, 1), "valid": torch.tensor([True, False, False]), "key": np.array(list("abc"))}
-    out, n_bad, _ = _filter_valid(batch, ("view1",))
-    assert n_bad == 2 and len(out["view1"]) == 3  # BatchNorm needs two rows; ranks must stay in step
-
-
-def test_non_finite_gradient_is_detected() -> None:
-    lin = nn.Linear(3, 1)
-    (lin(torch.ones(1, 3)) * float("nan")).sum().backward()
-    assert not _grads_finite(list(lin.parameters()))
-    lin.zero_grad()
-    lin(torch.ones(1, 3)).sum().backward()
-    assert _grads_finite(list(lin.parameters()))
+def test_a_batch_with_fewer_than_two_good_rows_is_replaced_by_the_next() -> None:
+    counters = {"seen": 0, "bad_images": 0}
+    out, keys = _valid_batch(batches([True, False, False], [False, True, True]), ("view1",), counters)
+    assert out["view1"].flatten().tolist() == [4, 5]  # only images; no zero rows from the bad batch
+    assert counters == {"seen": 6, "bad_images": 3} and keys == ["k1", "k2", "k3"]
