@@ -66,3 +66,39 @@ def test_clipping_bounds_the_gradient_norm() -> None:
     assert guard.after_backward() and guard.last_norm > 1e-3
     total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
     assert float(total) <= 1e-3 * 1.01
+
+
+def test_byol_nan_step_leaves_online_target_and_statistics_exactly_as_they_were() -> None:
+    """The loop's order with a real method: guard, forward+backward on a NaN batch (via the chaos hook the
+    loop installs), no optimizer step and no EMA step; online and EMA target networks are bit-identical."""
+    from raysl.config import parse_config
+    from raysl.methods import get_method
+    from raysl.train.loop import _nan_hook
+
+    cfg = parse_config({"data": {"uri": "/x"}, "model": {"backbone": "resnet10t", "image_size": 32},
+                        "method": {"projector_hidden": 32, "projector_dim": 8, "predictor_hidden": 32}})
+    torch.manual_seed(0)
+    method = get_method("byol").build(cfg)
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1)
+    guard, current = StepGuard(method), [0]
+    _nan_hook(method.encoder(), {2}, current)
+    batch = {v: torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8) for v in ("view1", "view2")}
+
+    def one_step(step: int) -> bool:
+        current[0] = step
+        opt.zero_grad(set_to_none=True)
+        guard.before_forward()
+        method.forward_backward(method, batch)
+        ok = guard.after_backward()
+        if ok:
+            opt.step()
+            method.on_step_end(step, 10)
+        return ok
+
+    assert one_step(1)
+    before = state(method)
+    assert not one_step(2)  # the encoder's input is NaN at step 2
+    after = state(method)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"a NaN step changed {changed[:5]}"
+    assert one_step(3) and all(torch.isfinite(v.float()).all() for v in state(method).values())
