@@ -83,12 +83,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from raysl import storage
+    from raysl.data.shard import claim_destination
     from raysl.data.sources import read_images
     from raysl.data.views import EvalView
     from raysl.eval.embed import embed
     from raysl.tracking import load_encoder
     from raysl.train.launch import init_ray
 
+    claim_destination(args.out, args.overwrite, keep=(args.data,))  # before any work: a rerun must not append
     init_ray()
     _, spec, _ = load_encoder(args.model)
     ds = read_images(args.data).map_batches(EvalView(spec["image_size"], MAX_IMAGE_PIXELS), batch_size=256)
@@ -100,11 +102,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from raysl.data.shard import shard
+    from raysl.data.shard import claim_destination, shard
     from raysl.train.launch import init_ray
 
+    # checked here too, before Ray starts, so a refusal takes a moment, not a cluster start
+    claim_destination(args.dst, args.overwrite, keep=(args.src,) + ((args.captions,) if args.captions else ()))
     init_ray()
-    manifest = shard(args.src, args.dst, args.format, rows_per_shard=args.rows_per_shard, captions=args.captions)
+    manifest = shard(args.src, args.dst, args.format, rows_per_shard=args.rows_per_shard, captions=args.captions,
+                     overwrite=args.overwrite)
     print(json.dumps({k: v for k, v in manifest.items() if k != "shards"} | {"shards": len(manifest["shards"])},
                      indent=2))
     return 0
@@ -183,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--concurrency", type=int, default=1, help="encoder actors (each loads the model once)")
     s.add_argument("--gpus", type=float, default=0.0, help="GPUs per actor, e.g. 1 (or 0.5 to share one)")
+    s.add_argument("--overwrite", action="store_true", help="delete what --out holds first (default: refuse a "
+                                                            "non-empty --out)")
     s.set_defaults(fn=cmd_embed)
 
     d = sub.add_parser("data", help="data tools").add_subparsers(dest="data_cmd", required=True)
@@ -192,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", required=True, choices=["webdataset", "parquet"])
     s.add_argument("--rows-per-shard", type=int, default=1000)
     s.add_argument("--captions", help="CSV (file,caption) or JSONL captions file: build image-text shards")
+    s.add_argument("--overwrite", action="store_true", help="delete what DST holds first (default: refuse a "
+                                                            "non-empty DST)")
     s.set_defaults(fn=cmd_shard)
 
     s = sub.add_parser("demo", help="digits → BYOL|I-JEPA, or scenes → CLIP; → MLflow → probe")

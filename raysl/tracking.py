@@ -1,8 +1,9 @@
 """MLflow: the driver creates (or resumes) the run, rank 0 logs metrics, the driver registers the encoder.
 
 An MLflow outage never kills training: workers log from a background thread that drops what it cannot
-send. Encoders are registered as pyfunc models whose weights are safetensors plus a JSON spec, so
-loading one never unpickles tensors.
+send. Encoders are registered as pyfunc models logged as code (models/pyfunc_encoder.py) whose weights are
+safetensors plus a JSON spec, so loading one never unpickles anything. Every URI, exception text, param and tag
+that leaves this module goes through `storage.redact`.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import torch.nn as nn
 
 from raysl.models.files import FULL_CONFIG, FULL_WEIGHTS, TIMM_CONFIG, load_encoder_dir, save_encoder_dir
-from raysl.storage import redact
+from raysl.storage import RedactingFilter, redact, redact_exc, redacted_errors
 
 log = logging.getLogger(__name__)
 _TRANSIENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# The pyfunc wrapper MLflow copies into every registered model and runs on load (models-from-code).
+PYFUNC_CODE = Path(__file__).resolve().parent / "models" / "pyfunc_encoder.py"
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -33,10 +35,23 @@ def tracking_uri(configured: str | None = None) -> str:
     return f"sqlite:///{Path('mlflow.db').absolute()}"
 
 
+def _guard(uri: str) -> None:
+    """Keep `uri`'s secrets out of what MLflow itself writes: its log handlers get the redacting filter, and a URI
+    with userinfo turns off the "View run at <url>" lines MLflow prints to stdout with the URL verbatim."""
+    import mlflow  # noqa: F401 - configures the "mlflow" logger's handlers, which are filtered below
+
+    for handler in logging.getLogger("mlflow").handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+    if redact(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
 def _client(uri: str) -> Any:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     for k, v in _TRANSIENT.items():  # fail fast in an outage instead of minutes of back-off; env wins
         os.environ.setdefault(k, v)
+    _guard(uri)
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -73,7 +88,9 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], 
     if resume_run_id:
         client.update_run(resume_run_id, status="RUNNING")
         return resume_run_id
-    run = client.create_run(experiment_id(uri, experiment), run_name=run_name, tags=tags)
+    log.debug("MLflow run %s in experiment %s at %s", run_name, experiment, redact(uri))
+    run = client.create_run(experiment_id(uri, experiment), run_name=run_name,
+                            tags={k: redact(str(v)) for k, v in tags.items()})
     from mlflow.entities import Param
 
     items = [Param(k, redact(str(v))[:6000]) for k, v in sorted(params.items())]
@@ -85,7 +102,7 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], 
 def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
     client = _client(uri)
     for k, v in tags.items():
-        client.set_tag(run_id, k, v)
+        client.set_tag(run_id, k, redact(str(v)))
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
@@ -95,7 +112,7 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0)
         for k, v in metrics.items():
             client.log_metric(run_id, k, v, step=step)
     except Exception as exc:  # noqa: BLE001 - bookkeeping must not stop a run
-        log.warning("could not log %s to MLflow: %s", sorted(metrics), exc)
+        log.warning("could not log %s to MLflow at %s: %s", sorted(metrics), redact(uri), redact_exc(exc))
 
 
 def log_png(client: Any, run_id: str, png: bytes, artifact_file: str) -> None:
@@ -111,40 +128,32 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     try:
         _client(uri).set_terminated(run_id, status=status)
     except Exception as exc:  # noqa: BLE001 - bookkeeping must not turn a result into a failure
-        log.warning("could not close MLflow run %s: %s", run_id, exc)
+        log.warning("could not close MLflow run %s at %s: %s", run_id, redact(uri), redact_exc(exc))
 
 
-def _pyfunc_class() -> type:
-    """pyfunc wrapper so the registry entry can also be served: images (N,3,H,W) uint8 → embeddings."""
-    import mlflow.pyfunc
+# The fields that rebuild the encoder: never rewritten. The rest (lineage, user tags) is redacted before it is
+# stored as encoder.json, model metadata and version tags.
+_ARCHITECTURE = frozenset({"method", "backbone", "cifar_stem", "image_size", "patch_size", "backbone_kwargs", "mean",
+                           "std"})
 
-    class EncoderPyfunc(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defined]
-        def load_context(self, context: Any) -> None:
-            self.model, self.spec = load_encoder_dir(Path(context.artifacts["weights"]).parent)
 
-        # Typed input: without a hint MLflow warns on every log_model; np.ndarray is a hint it accepts without
-        # inferring a schema, so the signature still comes from the input example.
-        def predict(self, context: Any, model_input: np.ndarray,
-                    params: dict[str, Any] | None = None) -> np.ndarray:
-            from raysl.data.views import normalize
-
-            x = torch.as_tensor(np.asarray(model_input, dtype=np.uint8))
-            with torch.no_grad():
-                return self.model(normalize(x, self.spec["mean"], self.spec["std"])).numpy()
-
-    return EncoderPyfunc
+def _redacted_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    return {k: v if k in _ARCHITECTURE else json.loads(redact(json.dumps(v))) for k, v in spec.items()}
 
 
 def register_encoder(uri: str, run_id: str, encoder: nn.Module, spec: dict[str, Any], name: str,
                      alias: str, full_dir: Path | None = None) -> str:
     """Log the encoder to the run, register it as `name` and point `alias` at it; returns the version.
 
+    The model is logged as code (PYFUNC_CODE), so MLflow pickles nothing and loading it unpickles nothing.
     `full_dir` holding an exported whole method (`save_full_dir`) adds it to the same model version.
     """
     import mlflow
     import mlflow.pyfunc
 
+    _guard(uri)
     mlflow.set_tracking_uri(uri)
+    spec = _redacted_spec(spec)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "encoder"
         save_encoder_dir(folder, encoder, spec)
@@ -153,10 +162,10 @@ def register_encoder(uri: str, run_id: str, encoder: nn.Module, spec: dict[str, 
         if full_dir is not None and (full_dir / FULL_WEIGHTS).exists():
             artifacts.update(full_weights=str(full_dir / FULL_WEIGHTS), full_config=str(full_dir / FULL_CONFIG))
         example = np.zeros((2, 3, spec["image_size"], spec["image_size"]), dtype=np.uint8)
-        with mlflow.start_run(run_id=run_id):
+        with redacted_errors((Exception,)), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="encoder",
-                python_model=_pyfunc_class()(),
+                python_model=str(PYFUNC_CODE),
                 artifacts=artifacts,
                 registered_model_name=name,
                 input_example=example,
@@ -167,7 +176,7 @@ def register_encoder(uri: str, run_id: str, encoder: nn.Module, spec: dict[str, 
     client = _client(uri)
     client.set_registered_model_alias(name, alias, version)
     for k, v in spec.items():
-        client.set_model_version_tag(name, version, k, json.dumps(v) if not isinstance(v, str) else v)
+        client.set_model_version_tag(name, version, k, redact(json.dumps(v) if not isinstance(v, str) else v))
     log.info("registered %s version %s as @%s", name, version, alias)
     return version
 
@@ -177,8 +186,10 @@ def _artifact_dir(model_uri: str, uri: str | None, filename: str, tmp: str) -> P
     import mlflow
     import mlflow.artifacts
 
+    _guard(tracking_uri(uri))
     mlflow.set_tracking_uri(tracking_uri(uri))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+    with redacted_errors((Exception,)):  # MLflow's errors quote the request URL, userinfo included
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
     found = next(local.rglob(filename), None)
     return found.parent if found is not None else None
 
@@ -209,7 +220,7 @@ def registry_help(client: Any, ref: str, exc: Exception) -> str:
     try:
         names = sorted(m.name for m in client.search_registered_models(max_results=200))
     except Exception:  # noqa: BLE001 - the original error is what matters; the listing is a courtesy
-        return f"models:/{ref} not found ({exc})"
+        return redact(f"models:/{ref} not found ({redact_exc(exc)})")
     if name not in names:
         return f"models:/{ref}: no registered model {name!r}; registered models: {names or 'none'}"
     aliases = sorted(client.get_registered_model(name).aliases)
@@ -221,7 +232,7 @@ def download_full_dir(model_uri: str, uri: str | None, tmp: str) -> Path:
     Rebuilding it is the method layer's job (raysl.methods.export), not tracking's."""
     folder = _artifact_dir(model_uri, uri, FULL_CONFIG, tmp)
     if folder is None:
-        raise ValueError(f"{model_uri} holds only an encoder, not a whole model (no {FULL_CONFIG}); "
+        raise ValueError(f"{redact(model_uri)} holds only an encoder, not a whole model (no {FULL_CONFIG}); "
                          "this needs a model registered whole, such as clip or a fine-tuned classifier")
     return folder
 
@@ -232,7 +243,7 @@ def load_encoder(model_uri: str, uri: str | None = None) -> tuple[nn.Module, dic
     with tempfile.TemporaryDirectory() as tmp:
         folder = _artifact_dir(model_uri, uri, "encoder.json", tmp)
         if folder is None:
-            raise ValueError(f"{model_uri} holds no raysl encoder (no encoder.json among its artifacts)")
+            raise ValueError(f"{redact(model_uri)} holds no raysl encoder (no encoder.json among its artifacts)")
         model, spec = load_encoder_dir(folder)
     model_id, version = registry_version(model_uri, uri)
     if version is not None:

@@ -23,7 +23,7 @@ import ray.data
 import torch
 from PIL import Image
 
-from raysl.data.views import _Transform
+from raysl.data.views import _Transform, decode_or_none
 from raysl.storage import S3Settings, StorageError, is_s3, list_files, read_bytes, redact, resolve
 
 log = logging.getLogger(__name__)
@@ -275,17 +275,20 @@ class DetectionView(_Transform):
         return np.random.default_rng([self.seed, *(int(i) % 2**32 for i in image_ids)])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        imgs, valid = self._decoded(batch)
-        n, s, m = len(imgs), self.size, self.max_boxes
+        torch.set_num_threads(1)
+        n, s, m = len(batch["key"]), self.size, self.max_boxes
+        valid = np.zeros(n, dtype=bool)
         rng = self._rng(batch["image_id"])
         out: dict[str, np.ndarray] = {
             "image": np.zeros((n, 3, s, s), np.uint8), "boxes": np.zeros((n, m, 4), np.float32),
             "labels": np.full((n, m), -1, np.int64), "num_boxes": np.zeros(n, np.int64),
             "dropped_boxes": np.zeros(n, np.int64),
         }
-        for i, im in enumerate(imgs):
+        for i in range(n):  # one image decoded at a time: memory bounded by the outputs, not the batch
+            im = decode_or_none(batch["image"][i], str(batch["key"][i]), self.max_pixels)  # full size: boxes
             if im is None:
                 continue
+            valid[i] = True
             boxes, labels = _targets(batch["boxes"][i], batch["labels"][i])
             w, h = im.size
             if (w, h) != (s, s):
@@ -302,6 +305,7 @@ class DetectionView(_Transform):
             out["image"][i] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
             out["boxes"][i, :k], out["labels"][i, :k] = boxes[:k], labels[:k]
             out["num_boxes"][i], out["dropped_boxes"][i] = k, len(labels) - k
+            del im
         dropped = int(out["dropped_boxes"].sum())
         if dropped:
             log.warning("dropped %d box(es) beyond max_boxes=%d in a batch of %d images", dropped, m, n)

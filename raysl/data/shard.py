@@ -6,18 +6,24 @@ Class sub-folders, when there are several, become labels (`cls` member / `label`
 captions file (CSV with `file,caption` columns, or JSONL of {"file": …, "caption": …}; `file` relative to
 SRC or a bare file name) the shards are image-text data: a `txt` member / `caption` column. An image
 without a caption, or with an empty one, is skipped and counted like an undecodable one.
+
+A destination that already holds objects is refused (a rerun would add a second copy of every sample, and the
+manifest would count only the new one) unless `overwrite`, which empties it first.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
 import os
+import posixpath
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray
 
 from raysl import storage
@@ -49,6 +55,52 @@ class Ledger:
 
     def summary(self) -> dict[str, Any]:
         return {"count": self.count, "bytes": self.bytes, "bad": self.bad, "bad_examples": self.examples}
+
+
+def sample_key(rel: str) -> str:
+    """A sample's key from its path relative to the source: unique, stable, and valid for WebDataset.
+
+    WebDataset splits a member name at its first dot (key, extension) and a `/` opens a sub-folder, so both
+    become `_` in a readable stem; that folding (and dropping the extension) merges `a/b.jpg`, `a_b.png` and
+    `a.b.jpg`, so the first 8 hex digits of the full path's SHA-1 follow. Keys then collide only if the stems
+    *and* the hashes do: 1 in 4·10⁹ for two paths whose stems fold together, which few paths do.
+    """
+    stem = posixpath.splitext(rel)[0].replace("/", "_").replace(".", "_")
+    return f"{stem}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def claim_destination(uri: str, overwrite: bool, s3: S3Settings | None = None, *,
+                      keep: tuple[str, ...] = ()) -> None:
+    """Make `uri` (a folder or an S3 prefix) ready to be written: refuse it if it holds objects, or with
+    `overwrite` delete them first. `keep`: URIs that must survive (the source): a destination that is one of
+    them or holds one is refused even with `overwrite`."""
+    fs, path = storage.resolve(uri, s3)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        raise ValueError(f"destination {redact(uri)!r} is a file, not a folder")
+    held = [] if info.type == pafs.FileType.NotFound else fs.get_file_info(
+        pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    objects = sum(i.type == pafs.FileType.File for i in held)
+    if not objects:
+        return
+    if not overwrite:
+        raise ValueError(f"destination {redact(uri)!r} is not empty: it holds {objects} object(s); writing into it "
+                         "would mix old and new output. Choose an empty destination, or pass --overwrite to delete "
+                         "what is there first")
+    for other in keep:
+        other_fs, other_path = storage.resolve(other, s3)
+        if type(other_fs) is type(fs) and _inside(other_path, path):
+            raise ValueError(f"--overwrite would delete {redact(other)!r}: it is inside the destination "
+                             f"{redact(uri)!r}")
+    if path.strip("/") == "" or (storage.is_s3(uri) and "/" not in path.strip("/")):
+        raise ValueError(f"--overwrite refuses to empty {redact(uri)!r}, a whole filesystem or bucket; "
+                         "choose a folder or prefix inside it")
+    log.warning("--overwrite: deleting %d object(s) under %s", objects, redact(uri))
+    fs.delete_dir_contents(path, missing_dir_ok=True)
 
 
 def read_captions(uri: str, s3: S3Settings | None = None) -> dict[str, str]:
@@ -88,12 +140,13 @@ class Validate:
             except BadImage as exc:
                 bad.append(f"{key}: {exc}")
                 continue
-            rel = os.path.relpath(str(key), self.root) if not self.root.startswith("s3") else str(key)
+            # root and key are paths on one filesystem (s3 ones without the scheme): relative on both kinds
+            rel = posixpath.relpath(str(key), self.root)
             caption = self._caption(rel) if self._captions_ref is not None else ""
             if self._captions_ref is not None and not caption:
                 bad.append(f"{key}: no caption")
                 continue
-            rows.append({"key": os.path.splitext(rel)[0].replace("/", "_").replace(".", "_"),
+            rows.append({"key": sample_key(rel),
                          "data": data, "format": img_format, "label": str(label), "caption": caption})
         # Waited on, so the tally is complete once the write returns.
         ray.get(self.ledger.add.remote(len(rows), sum(len(r["data"]) for r in rows), bad))
@@ -120,10 +173,12 @@ class Validate:
 
 
 def shard(src: str, dst: str, fmt: str, *, rows_per_shard: int = 1000, max_pixels: int = MAX_IMAGE_PIXELS,
-          s3: S3Settings | None = None, captions: str | None = None) -> dict[str, Any]:
+          s3: S3Settings | None = None, captions: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Shard the image folder `src` into `dst`, which must be empty (or, with `overwrite`, is emptied first)."""
     if fmt not in SHARD_FORMATS:
         raise ValueError(f"--format: {fmt!r} is not one of {SHARD_FORMATS}")
     s3 = s3 or S3Settings.resolve()
+    claim_destination(dst, overwrite, s3, keep=(src,) + ((captions,) if captions else ()))
     files = [f for f in storage.list_files(src, s3) if not f.endswith((".csv", ".jsonl", "manifest.json"))]
     labels = len({os.path.dirname(f) for f in files}) > 1
     _, src_path = storage.resolve(src, s3)

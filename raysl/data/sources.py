@@ -4,21 +4,25 @@ Image folders, WebDataset tar shards and Parquet (image bytes, or a HF-style {by
 Labels, when asked for, come from the class sub-folder, a WebDataset `cls` member or a Parquet column.
 Captions (image-text data) come from a WebDataset `txt` member or a field of its `json` member, or a
 Parquet column; a missing caption becomes '' and is counted as a bad sample downstream.
-Every reader lists its files first, so a URI that matches nothing fails before any worker starts.
+Every reader lists its files first, so a URI that matches nothing fails before any worker starts; Parquet
+files' schemas are all checked (metadata only) so a missing or mistyped column is named before any worker starts.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
 
 from raysl.data.tokenizer import caption_text, json_caption
-from raysl.storage import S3Settings, StorageError, list_files, redact, resolve
+from raysl.storage import S3Settings, StorageError, is_s3, list_files, redact, resolve
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +58,44 @@ def parquet_columns(uri: str, s3: S3Settings | None = None) -> list[str]:
 
 
 def _image_bytes(value: Any) -> bytes:
+    """A cell's image bytes; b"" (a bad sample downstream) for anything not bytes-like: `bytes(5)` would be five
+    zero bytes and `bytes("x")` a crash."""
     if isinstance(value, dict):  # HF datasets store images as {"bytes": …, "path": …}
         value = value.get("bytes")
-    return bytes(value) if value is not None else b""
+    return bytes(value) if isinstance(value, bytes | bytearray | memoryview) else b""
+
+
+def _is_binary(t: pa.DataType) -> bool:
+    return bool(pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t))
+
+
+def _image_type_ok(t: pa.DataType) -> bool:
+    if pa.types.is_struct(t):
+        idx = t.get_field_index("bytes")
+        return idx >= 0 and _is_binary(t.field(idx).type)
+    return _is_binary(t)
+
+
+def parquet_schemas(files: list[str], fs: pafs.FileSystem) -> list[pa.Schema]:
+    """Every file's schema (a footer read each, in parallel: one round trip per file on S3)."""
+    with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+        return list(pool.map(lambda f: pq.read_schema(f, filesystem=fs), files))
+
+
+def _check_parquet(files: list[str], schemas: list[pa.Schema], uri: str, required: dict[str, str],
+                   image_column: str) -> None:
+    """Fail, naming the file, when a file lacks a required column ({column: its setting's name}) or its image
+    column is not image bytes."""
+    for f, schema in zip(files, schemas, strict=True):
+        for column, setting in required.items():
+            if column not in schema.names:
+                lacking = sum(column not in s.names for s in schemas)
+                raise ValueError(f"{setting}: {column!r} is not a column of {redact(f)} ({lacking} of {len(files)} "
+                                 f"file(s) under {redact(uri)} lack it); its columns: {schema.names}")
+        t = schema.field(image_column).type
+        if not _image_type_ok(t):
+            raise ValueError(f"data.image_column: {image_column!r} of {redact(f)} has type {t}; image bytes must be "
+                             "binary or large_binary, or a struct with a binary `bytes` field (Hugging Face)")
 
 
 def _norm_folder(batch: dict[str, np.ndarray], with_labels: bool) -> dict[str, np.ndarray]:
@@ -93,7 +132,9 @@ def _norm_wds(batch: dict[str, np.ndarray], with_labels: bool, caption_field: st
     if with_labels:
         if "cls" not in batch:
             raise ValueError("WebDataset shards have no `cls` member to use as labels")
-        out["label"] = np.array([bytes(v).decode().strip() if v is not None else "" for v in batch["cls"]])
+        # errors="replace": a label that is not UTF-8 must not stop the read; it becomes a name no class has
+        out["label"] = np.array([bytes(v).decode("utf-8", errors="replace").strip() if v is not None else ""
+                                 for v in batch["cls"]])
     if caption_field is not None:
         out["caption"] = _wds_captions(batch, n, caption_field)
     return out
@@ -114,6 +155,18 @@ def _norm_parquet(
     return out
 
 
+def _given(files: list[str], uri: str) -> list[str]:
+    """Caller-chosen files as paths on `uri`'s filesystem (a scheme, if given, is dropped), in the given order."""
+    if not files:
+        raise StorageError(f"no files given to read from {redact(uri)!r}")
+    out = []
+    for f in files:
+        for scheme in ("s3://", "file://"):
+            f = f[len(scheme):] if f.startswith(scheme) else f
+        out.append(f if is_s3(uri) else os.path.abspath(os.path.expanduser(f)))
+    return out
+
+
 def read_images(
     uri: str,
     *,
@@ -127,13 +180,16 @@ def read_images(
     rows_per_block: int | None = 64,
     caption_column: str | None = None,
     shuffle_seed: int | None = None,
+    files: list[str] | None = None,
 ) -> ray.data.Dataset:
     """Open an image corpus as a stream of {image: bytes, key: str[, label: str][, caption: str]} rows.
 
     `caption_column` set: image-text data (WebDataset `txt`/`json`, or that Parquet column).
+    `files` set: read exactly these (paths on `uri`'s filesystem, or URIs of its scheme) instead of listing `uri`.
     """
     s3 = s3 or S3Settings.resolve()
-    files = list_files(uri, s3)
+    # `files` given (a training worker's part of an epoch): exactly those, in that order; uri names the store
+    files = _given(files, uri) if files is not None else list_files(uri, s3)
     if fmt == "auto":
         fmt = detect_format(files)
     if fmt not in FORMATS:
@@ -161,20 +217,21 @@ def read_images(
                              fn_kwargs={"with_labels": with_labels, "caption_field": caption_column},
                              batch_format="numpy")
     else:
-        cols = pq.read_schema(files[0], filesystem=fs).names
-        if image_column not in cols:
-            raise ValueError(f"data.image_column: {image_column!r} is not a column of {redact(uri)}; columns: {cols}")
+        schemas = parquet_schemas(files, fs)
+        # columns every file has, in the first file's order: an optional column (label, key) is used only then
+        cols = [c for c in schemas[0].names if all(c in s.names for s in schemas[1:])]
         lab = label_column if with_labels else None
         if with_labels and lab is None:
             lab = "label" if "label" in cols else None
             if lab is None:
                 raise ValueError(f"no label column in {redact(uri)}; set label_column (columns: {cols})")
-        if lab is not None and lab not in cols:
-            raise ValueError(f"label_column: {lab!r} is not a column of {redact(uri)}; columns: {cols}")
+        required = {image_column: "data.image_column"}
+        if lab is not None:
+            required.setdefault(lab, "label_column")
+        if caption_column:
+            required.setdefault(caption_column, "data.caption_column")
+        _check_parquet(files, schemas, uri, required, image_column)
         key_col = "key" if "key" in cols else None
-        if caption_column and caption_column not in cols:
-            raise ValueError(f"data.caption_column: {caption_column!r} is not a column of {redact(uri)}; "
-                             f"columns: {cols}")
         wanted = list(dict.fromkeys(c for c in (image_column, lab, key_col, caption_column) if c))
         # select_columns, not read_parquet(columns=…) (deprecated in Ray 2.60); the projection is pushed into the read
         ds = ray.data.read_parquet(files, filesystem=fs, shuffle=shuffle).select_columns(wanted)
@@ -215,3 +272,12 @@ def source_columns(uri: str, fmt: str = "auto", s3: S3Settings | None = None,
     if fmt == "webdataset":  # captions are per sample (`txt`/`json`); missing ones are counted, not fatal
         return {"image", "key", "label", "caption"}
     return {"image", "key", "label"}
+
+
+def data_files(uri: str, fmt: str = "auto", s3: S3Settings | None = None) -> list[str]:
+    """The files a reader of `uri` would read, in sorted order (the training driver lists them once)."""
+    files = list_files(uri, s3)
+    files = _select(files, detect_format(files) if fmt == "auto" else fmt)
+    if not files:
+        raise StorageError(f"data URI {redact(uri)!r} holds no {fmt} files")
+    return files

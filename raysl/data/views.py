@@ -3,12 +3,17 @@
 Every transform emits a `valid` column: rows whose bytes do not decode to an image are kept as zeros
 with valid=False, so the training worker counts them exactly and stops past `max_bad_fraction`.
 Images leave here as uint8 CHW; the training worker scales and normalizes them (4× less to move).
+
+A task decodes and transforms one image at a time, so its memory is the batch's output arrays plus one decoded
+image (256 decoded 24-MP photos alone are 18 GB). Large JPEGs are decoded at a reduced scale (libjpeg's
+DCT scaling, PIL's `draft`) when the output needs far fewer pixels: never below what the output size needs.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -21,13 +26,32 @@ log = logging.getLogger(__name__)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+# RandomResizedCrop's aspect ratios run from 3/4 to 4/3 (torchvision's default, used by every view here).
+_MIN_CROP_RATIO = 3 / 4
+
 
 class BadImage(ValueError):
     pass
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Bytes → RGB PIL image. Grayscale, palette, CMYK and 16-bit images are converted, not dropped."""
+def crop_draft_side(size: int, min_scale: float) -> int:
+    """The smallest short side at which every RandomResizedCrop to `size` (area ≥ `min_scale` of the image,
+    aspect 3/4…4/3) still spans ≥ `size` source pixels each way, so no crop is upsampled because of `draft`.
+
+    A crop of area a = s·W·H and aspect r has sides √(a·r) and √(a/r) ≥ √(a·3/4); W·H ≥ m² for the short side
+    m, so m ≥ size / √(s_min·3/4) suffices (BYOL's 0.08 at 224: 915 px, so a 6000×4000 JPEG decodes at 1/4,
+    1500×1000). The "2× the output" rule of thumb would allow 1/8 (750×500) and upsample the smallest crops
+    (150 px) 1.5×; I-JEPA's 0.3 needs 473 px and gets 1/8 either way.
+    """
+    return math.ceil(size / math.sqrt(max(min_scale, 1e-4) * _MIN_CROP_RATIO))
+
+
+def decode_image(data: bytes, max_pixels: int, draft_side: int | None = None) -> Image.Image:
+    """Bytes → RGB PIL image. Grayscale, palette, CMYK and 16-bit images are converted, not dropped.
+
+    `draft_side`: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale, keeping both sides ≥ draft_side (other
+    formats decode at full size). `max_pixels` applies to the stored size, drafted or not.
+    """
     if not data:
         raise BadImage("zero bytes")
     try:
@@ -37,6 +61,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             w, h = img.size
             if w * h > max_pixels:
                 raise BadImage(f"{w}x{h} exceeds max_image_pixels={max_pixels}")
+            if draft_side:
+                img.draft("RGB", (draft_side, draft_side))  # a no-op unless a JPEG is ≥ 2× draft_side each way
             img.load()
     except BadImage:
         raise
@@ -51,16 +77,13 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
-def decode_batch(images: Sequence[bytes] | np.ndarray, keys: Sequence[str] | np.ndarray,
-                 max_pixels: int) -> list[Image.Image | None]:
-    out: list[Image.Image | None] = []
-    for data, key in zip(images, keys, strict=True):
-        try:
-            out.append(decode_image(bytes(data), max_pixels))
-        except BadImage as exc:
-            log.warning("skipping bad image %s: %s", key, exc)
-            out.append(None)
-    return out
+def decode_or_none(data: bytes, key: str, max_pixels: int, draft_side: int | None = None) -> Image.Image | None:
+    """`decode_image`, or None (logged) for bytes that are not an image."""
+    try:
+        return decode_image(bytes(data), max_pixels, draft_side)
+    except BadImage as exc:
+        log.warning("skipping bad image %s: %s", key, exc)
+        return None
 
 
 def _to_chw_uint8(img: Image.Image | torch.Tensor) -> np.ndarray:
@@ -70,28 +93,35 @@ def _to_chw_uint8(img: Image.Image | torch.Tensor) -> np.ndarray:
 
 
 class _Transform:
-    """Shared set-up: one torch thread per decode task, so Ray Data tasks do not oversubscribe cores."""
+    """Shared set-up: one torch thread per decode task, so Ray Data tasks do not oversubscribe cores.
+
+    `draft_side`: the short side a subclass needs from its decoder (None: full size).
+    """
+
+    draft_side: int | None = None
 
     def __init__(self, image_size: int, max_pixels: int) -> None:
         self.size = image_size
         self.max_pixels = max_pixels
 
-    def _decoded(self, batch: dict[str, np.ndarray]) -> tuple[list[Image.Image | None], np.ndarray]:
-        torch.set_num_threads(1)
-        imgs = decode_batch(batch["image"], batch["key"], self.max_pixels)
-        valid = np.array([im is not None for im in imgs], dtype=bool)
-        return imgs, valid
-
     def _render(self, batch: dict[str, np.ndarray],
                 outputs: dict[str, Callable[[Image.Image], Image.Image | torch.Tensor]]) -> dict[str, np.ndarray]:
-        """Decode once, apply each named output's pipeline: uint8 (N,3,S,S) per name, zeros where invalid."""
-        imgs, valid = self._decoded(batch)
-        s = self.size
-        out = {name: np.zeros((len(imgs), 3, s, s), dtype=np.uint8) for name in outputs}
-        for i, im in enumerate(imgs):
-            if im is not None:
-                for name, pipe in outputs.items():
-                    out[name][i] = _to_chw_uint8(pipe(im))
+        """Decode each image once, apply each named output's pipeline: uint8 (N,3,S,S) per name, zeros where
+        invalid. One decoded image is alive at a time."""
+        torch.set_num_threads(1)
+        n, s = len(batch["key"]), self.size
+        out: dict[str, np.ndarray] = {name: np.zeros((n, 3, s, s), dtype=np.uint8) for name in outputs}
+        valid = np.zeros(n, dtype=bool)
+        # A plain index loop: enumerate/zip over a generator of images would keep the previous image in their
+        # reused result tuple while the next one decodes (two alive at the peak).
+        for i in range(n):
+            im = decode_or_none(batch["image"][i], str(batch["key"][i]), self.max_pixels, self.draft_side)
+            if im is None:
+                continue
+            valid[i] = True
+            for name, pipe in outputs.items():
+                out[name][i] = _to_chw_uint8(pipe(im))
+            del im  # released before the next one is decoded
         out["valid"] = valid
         out["key"] = np.asarray(batch["key"])
         for passthrough in ("label", "caption"):
@@ -123,6 +153,7 @@ class TwoViews(_Transform):
                  jitter: tuple[float, float, float, float], jitter_p: float, gray_p: float,
                  blur_p: tuple[float, float], solarize_p: tuple[float, float]) -> None:
         super().__init__(image_size, max_pixels)
+        self.draft_side = crop_draft_side(image_size, crop_scale[0])
         self.pipes = [
             byol_pipeline(image_size, crop_scale, flip_p, jitter, jitter_p, gray_p, blur_p[i], solarize_p[i])
             for i in (0, 1)
@@ -137,6 +168,7 @@ class OneView(_Transform):
 
     def __init__(self, image_size: int, max_pixels: int, *, crop_scale: tuple[float, float], flip_p: float) -> None:
         super().__init__(image_size, max_pixels)
+        self.draft_side = crop_draft_side(image_size, crop_scale[0])
         self.pipe = T.Compose([T.RandomResizedCrop(image_size, scale=crop_scale, antialias=True),
                                T.RandomHorizontalFlip(flip_p), T.PILToTensor()])
 
@@ -174,6 +206,7 @@ class LabeledView(_Transform):
     def __init__(self, image_size: int, max_pixels: int, *, classes: Sequence[str], crop_scale: tuple[float, float],
                  flip_p: float, auto_augment: str = "none") -> None:
         super().__init__(image_size, max_pixels)
+        self.draft_side = crop_draft_side(image_size, crop_scale[0])
         self.index = {c: i for i, c in enumerate(classes)}
         extra = {"none": [], "trivial": [T.TrivialAugmentWide()], "randaugment": [T.RandAugment()]}[auto_augment]
         self.pipe = T.Compose([T.RandomResizedCrop(image_size, scale=crop_scale, antialias=True),
@@ -194,7 +227,13 @@ def keep_keys(batch: dict[str, np.ndarray], keys: frozenset[str]) -> dict[str, n
 
 
 class EvalView(_Transform):
-    """Evaluation and embedding: decode and resize to the encoder's image size, no augmentation."""
+    """Evaluation and embedding: decode and resize to the encoder's image size, no augmentation.
+
+    A JPEG is drafted to no less than S on each side: the resize to S×S then only ever shrinks it."""
+
+    def __init__(self, image_size: int, max_pixels: int) -> None:
+        super().__init__(image_size, max_pixels)
+        self.draft_side = image_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         s = self.size

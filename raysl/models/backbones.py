@@ -9,6 +9,8 @@ from typing import Any
 import timm
 import torch.nn as nn
 
+from raysl.models.spec import check_backbone_kwargs, check_backbone_name
+
 
 def timm_args(name: str, image_size: int | None, patch_size: int | None, extra: dict[str, Any]) -> dict[str, Any]:
     """The `timm.create_model` arguments (beside the name) that build a raysl encoder: no classifier, the
@@ -38,20 +40,27 @@ def timm_config(spec: dict[str, Any]) -> dict[str, Any]:
 
 def create_backbone(name: str, *, cifar_stem: bool = False, image_size: int | None = None,
                     patch_size: int | None = None, **extra: Any) -> nn.Module:
-    """Build `name` from timm without pretrained weights; returns a module with `.num_features`.
+    """Build `name` from timm without pretrained weights; returns a module with `.num_features`. The name and the
+    extra arguments must pass `raysl.models.spec` (a ValueError names the field otherwise).
 
     cifar_stem swaps a ResNet's 7×7 stride-2 conv + max-pool for a 3×3 stride-1 conv, the usual
     change for 32 px images.
     """
-    kwargs: dict[str, Any] = {"pretrained": False, **timm_args(name, image_size, patch_size, extra)}
+    # The same allow-list as a registered spec: a config cannot train what downstream jobs would refuse to load,
+    # and no name or argument makes timm download or unpickle anything.
+    check_backbone_name(name, "model.backbone")
+    check_backbone_kwargs(extra, "model.backbone_kwargs")
+    kwargs = timm_args(name, image_size, patch_size, extra)
     try:
-        model = timm.create_model(name, **kwargs)
-    except RuntimeError as exc:
-        raise ValueError(f"model.backbone: {name!r} is not a timm model ({exc})") from None
+        model = timm.create_model(name, **kwargs, pretrained=False)  # last, so nothing can turn it on
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"model.backbone: {name!r} cannot be built with {sorted(extra)} ({exc})") from None
     if cifar_stem:
-        if not (hasattr(model, "conv1") and hasattr(model, "maxpool")):
-            raise ValueError(f"model.cifar_stem: only ResNet-style backbones have a stem to swap, not {name!r}")
-        out_ch = int(model.conv1.out_channels)  # type: ignore[union-attr,arg-type]
+        conv1 = getattr(model, "conv1", None)
+        if not (isinstance(conv1, nn.Conv2d) and hasattr(model, "maxpool")):
+            raise ValueError(f"model.cifar_stem: only ResNet-style backbones with a one-conv stem have a stem to "
+                             f"swap, not {name!r}")
+        out_ch = int(conv1.out_channels)
         model.conv1 = nn.Conv2d(3, out_ch, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
     return model

@@ -1,7 +1,8 @@
 """The folder an encoder travels in — checkpoints, the registry, plain-timm users: its weights as safetensors
 (timm's own key names; nothing is unpickled on load), the spec that rebuilds and feeds it (`encoder.json`), a
 timm config; and, for methods registered whole (CLIP's towers, a fine-tuned classifier or detector), the whole
-module's weights and the config that rebuilds it."""
+module's weights and the config that rebuilds it. Specs read back are checked against an allow-list (models/spec.py)
+before anything is built."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from raysl.models.backbones import create_backbone, timm_config
+from raysl.models.spec import check_encoder_spec
 
 FULL_WEIGHTS, FULL_CONFIG, TIMM_CONFIG = "model.safetensors", "model.json", "timm_config.json"
 
@@ -37,9 +39,10 @@ def save_full_dir(folder: Path, model: nn.Module, config: dict[str, Any]) -> Non
 
 
 def load_encoder_dir(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild an encoder from its folder: the architecture from the spec, then the safetensors weights."""
-    spec = json.loads((folder / "encoder.json").read_text())
-    model = create_backbone(spec["backbone"], cifar_stem=spec["cifar_stem"], image_size=spec["image_size"],
+    """Rebuild an encoder from its folder: the architecture from the spec, then the safetensors weights. The spec
+    comes from a registry or a checkpoint, so it is checked (`raysl.models.spec`) before timm sees any of it."""
+    spec = check_encoder_spec(json.loads((folder / "encoder.json").read_text()))
+    model = create_backbone(spec["backbone"], cifar_stem=spec.get("cifar_stem", False), image_size=spec["image_size"],
                             patch_size=spec.get("patch_size"), **spec.get("backbone_kwargs", {}))
     model.load_state_dict(load_file(str(folder / "encoder.safetensors")))
     model.eval()
