@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from raysl.config import MAX_IMAGE_PIXELS, ConfigError
-from raysl.storage import StorageError
+from raysl.storage import StorageError, redact
 
 log = logging.getLogger("raysl")
 
@@ -235,11 +235,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup(args)
+    from raysl import console
+    from raysl.lock import LockHeld
+    from raysl.train.errors import ClusterTooSmall, RegistrationError, RunStateError, RunStopped
+
     try:
         return int(args.fn(args))
     except (ConfigError, StorageError, ValueError, FileNotFoundError) as exc:
-        log.error("%s", exc)
+        log.error("%s", redact(str(exc)))
         return 2
+    except LockHeld as exc:  # the same run is going on elsewhere: not a failure of this one
+        log.error("%s", redact(str(exc)))
+        return 3
+    except (RunStopped, RegistrationError, ClusterTooSmall, RunStateError) as exc:
+        # raysl's own stops say what happened and what to do; a traceback would bury that (--verbose keeps it)
+        log.error("%s", redact(str(exc)), exc_info=console.is_verbose())
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from raysl.jobs import EXIT_CODES, Jobs, JobsError, SecretEnv, load_token, local_path_warnings, resolve_address
+from raysl.storage import redact
 
 LOG_TAIL_LINES = 40
 
@@ -81,10 +82,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         _err(f"submission id {result.job_id} was already used for this same command (now {result.status}); "
              "not submitted again")
     else:
-        _err(f"submitted in {time.monotonic() - t0:.1f}s to {jobs.address}"
+        _err(f"submitted in {time.monotonic() - t0:.1f}s to {redact(jobs.address)}"
              + (f" with {', '.join(secrets.names)} from this environment" if secrets.names else ""))
     if not args.wait:
-        _err(f"follow it: raysl jobs logs {result.job_id} --follow --address {jobs.address}")
+        _err(f"follow it: raysl jobs logs {result.job_id} --follow --address {redact(jobs.address)}")
         return 0
     return _follow(jobs, result.job_id)
 
@@ -134,7 +135,7 @@ def _guard(fn: Any) -> Any:
         try:
             return int(fn(args))
         except JobsError as exc:
-            _err(f"raysl {args.cmd}: {exc}")
+            _err(f"raysl {args.cmd}: {redact(str(exc))}")
             return 2
 
     return run

@@ -7,6 +7,8 @@ import argparse
 import json
 import logging
 
+from raysl.storage import redact
+
 log = logging.getLogger("raysl")
 EXIT_LOCKED = 3
 
@@ -20,10 +22,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         out = Pipeline(cfg, base, wait_lock_s=args.wait_lock).run()
     except LockHeld as exc:
-        log.error("%s", exc)
+        log.error("%s", redact(str(exc)))
         return EXIT_LOCKED
     except PipelineError as exc:
-        log.error("pipeline %s stopped: %s", cfg.name, exc)
+        log.error("pipeline %s stopped: %s", cfg.name, redact(str(exc)))
         return 1
     scores = ", ".join(f"{k} {v:.4f}" for k, v in out.scores.items() if v is not None)
     print(f"pipeline {cfg.name}: {out.status}" + (f" (snapshot {out.snapshot}" if out.snapshot else "")

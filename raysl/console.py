@@ -22,6 +22,8 @@ from pathlib import Path
 from threading import Event, Thread
 from typing import IO, Any
 
+from raysl.storage import RedactingFilter, redact_exc
+
 log = logging.getLogger("raysl.progress")
 _VERBOSE_ENV = "RAYSL_VERBOSE"
 # Ray's driver-side records before its session folder exists (the token notice is printed during
@@ -67,6 +69,7 @@ def setup(level: str = "INFO", *, verbose: bool = False) -> None:
         os.environ[_VERBOSE_ENV] = "1"
     handler = _ConsoleHandler(sys.stderr)
     handler.setFormatter(_Formatter(debug=level == "DEBUG"))
+    handler.addFilter(RedactingFilter())  # Ray's, MLflow's and pyarrow's lines too: raysl formats only its own
     logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
     if not is_verbose():
         # MLflow's INFO lines (database migrations, signature inference) and its download bars are noise
@@ -113,6 +116,7 @@ def ray_started(session_dir: str | None) -> Path | None:
         return None
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     fh.setLevel(logging.INFO)
+    fh.addFilter(RedactingFilter())
     _EARLY.setTarget(fh)
     _EARLY.flush()
     ray_log.removeHandler(_EARLY)
@@ -252,7 +256,7 @@ def training_progress(total: int, fetch: Callable[[], list[dict[str, Any]]], *, 
         try:
             reports = fetch()
         except Exception as exc:  # noqa: BLE001 - progress is a courtesy; training decides success
-            logging.getLogger(__name__).debug("progress fetch failed: %s", exc)
+            logging.getLogger(__name__).debug("progress fetch failed: %s", redact_exc(exc))
             return
         for metrics in reports:
             progress.update(metrics)

@@ -61,7 +61,7 @@ class _Backend:
         if storage.is_s3(uri):
             import boto3
 
-            bucket, _, self.key = uri[len("s3://"):].partition("/")
+            bucket, _, self.key = storage.s3_path(uri).partition("/")
             self.bucket = bucket
             settings = s3 or S3Settings.resolve()
             self.client = boto3.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region)

@@ -21,7 +21,7 @@ from safetensors.torch import save as save_safetensors
 from raysl import storage, tracking
 from raysl.config import PretrainConfig, parse_config, set_dotted
 from raysl.data.sources import read_labels
-from raysl.storage import S3Settings, redact
+from raysl.storage import S3Settings, redact, redact_exc
 
 log = logging.getLogger(__name__)
 INITS = ("pretrained", "random")
@@ -177,7 +177,7 @@ def _tag_version(cfg: PretrainConfig, name: str, version: str, run_id: str, scor
             if run_id:
                 client.log_metric(run_id, f"final_{k}", v)
     except Exception as exc:  # noqa: BLE001 - the scores are printed either way
-        log.warning("could not tag %s v%s with its scores: %s", name, version, exc)
+        log.warning("could not tag %s v%s with its scores: %s", name, version, redact_exc(exc))
 
 
 def finetune_classification(model_uri: str, data_uri: str, test_uri: str, *, label_fraction: float = 1.0,

@@ -16,7 +16,7 @@ from raysl.eval.detection import coco_map
 from raysl.eval.finetune import INITS, FinetuneReport, base_tree, prepare_source, run_inits
 from raysl.methods.detect import Detector, check_categories
 from raysl.methods.export import load_full_model
-from raysl.storage import S3Settings, read_bytes
+from raysl.storage import S3Settings, read_bytes, redact
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def evaluate_detector(model: Detector, cfg: PretrainConfig, test_uri: str, s3: S
             gt.append({"image_id": image_id, "boxes": batch["boxes"][i, :n], "labels": batch["labels"][i, :n]})
             preds.append({"image_id": image_id, **det})
     if not gt:
-        raise ValueError(f"the test split {test_uri!r} has no decodable images")
+        raise ValueError(f"the test split {redact(test_uri)!r} has no decodable images")
     return coco_map(gt, preds, list(task.classes))
 
 

@@ -20,7 +20,7 @@ from raysl.eval.knn import knn_top1
 from raysl.eval.linear_probe import linear_probe_top1
 from raysl.figures import embedding_plot
 from raysl.methods.export import load_full_model
-from raysl.storage import S3Settings
+from raysl.storage import S3Settings, redact, redact_exc
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,9 @@ def _embedding_figure(test: dict[str, np.ndarray], labels: np.ndarray, classes: 
     panels = {name: test[col] for name, col in (("pretrained", "embedding"), ("random init", "embedding_random"))
               if col in test}
     try:
-        return embedding_plot(panels, labels, [str(c) for c in classes], title=f"{model_uri}, held-out samples")
+        return embedding_plot(panels, labels, [str(c) for c in classes], title=f"{redact(model_uri)}, held-out samples")
     except Exception as exc:  # noqa: BLE001 - a picture must not cost the probe's numbers
-        log.warning("could not draw the embedding plot: %s", exc)
+        log.warning("could not draw the embedding plot: %s", redact_exc(exc))
         return None
 
 
@@ -136,8 +136,8 @@ def _log(uri: str, model_uri: str, model_id: str | None, spec: dict[str, Any], r
         # later start_run(run_id=…) of a pretraining run in the same process would then refuse to resume.
         client = mlflow.tracking.MlflowClient(uri)
         exp_id = tracking.experiment_id(uri, "raysl-probe")  # with SQLite: artifacts beside the database, not ./mlruns
-        with mlflow.start_run(run_name=f"probe {model_uri}", experiment_id=exp_id) as run:
-            mlflow.log_params({"model_uri": model_uri, "n_train": report.n_train, "n_test": report.n_test})
+        with mlflow.start_run(run_name=f"probe {redact(model_uri)}", experiment_id=exp_id) as run:
+            mlflow.log_params({"model_uri": redact(model_uri), "n_train": report.n_train, "n_test": report.n_test})
             for key, value in report.scores.items():
                 mlflow.log_metric(key, value, model_id=model_id)
             if figure is not None:
@@ -147,4 +147,4 @@ def _log(uri: str, model_uri: str, model_id: str | None, spec: dict[str, Any], r
             for key, value in report.scores.items():
                 client.set_model_version_tag(name, spec["registered_version"], f"probe.{key}", f"{value:.4f}")
     except Exception as exc:  # noqa: BLE001 - the numbers were computed; a tracking outage must not lose them
-        log.warning("could not log the probe to MLflow: %s", exc)
+        log.warning("could not log the probe to MLflow: %s", redact_exc(exc))

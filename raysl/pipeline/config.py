@@ -10,7 +10,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from raysl.config import format_validation_error, set_dotted
 from raysl.config_base import ConfigError, Strict
-from raysl.storage import is_s3
+from raysl.storage import is_s3, redact
 
 STEPS = ("snapshot", "validate", "pretrain", "evaluate", "gate")
 
@@ -72,7 +72,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple
     try:
         tree: Any = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{p}: not valid YAML: {redact(str(exc))}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{p}: top level must be a mapping, got {type(tree).__name__}")
     for o in overrides or []:

@@ -20,7 +20,7 @@ from raysl import storage, tracking
 from raysl.pipeline import registry, snapshot
 from raysl.pipeline.config import STEPS, PipelineConfig
 from raysl.pipeline.lock import PipelineLock
-from raysl.storage import S3Settings, redact
+from raysl.storage import S3Settings, redact, redact_exc
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class Pipeline:
             try:
                 champ = score(f"models:/{name}/{champion}")
             except Exception as exc:  # noqa: BLE001 - whatever broke, an unscored champion is never replaced
-                run["reason"] = f"@champion v{champion} could not be evaluated ({exc}); not promoting"
+                run["reason"] = f"@champion v{champion} could not be evaluated ({redact_exc(exc)}); not promoting"
                 self._write(f"runs/{run['snapshot']}.json", run)
                 raise PipelineError(run["reason"]) from exc
         run["steps"]["evaluate"] = {"metric": metric, "candidate": cand, "champion": champ,

@@ -84,7 +84,7 @@ def pretrain_snapshot(p: Pipeline, run: dict[str, Any]) -> dict[str, Any]:
     res = pretrain(pretrain_config(p, run))
     if res.model_version == "unregistered":
         raise RuntimeError(f"run {res.run_name} trained but its encoder could not be registered (checkpoint "
-                           f"{res.checkpoint_uri}); rerun the pipeline once MLflow is reachable")
+                           f"{redact(res.checkpoint_uri)}); rerun the pipeline once MLflow is reachable")
     return {"run_name": res.run_name, "mlflow_run_id": res.run_id, "version": res.model_version,
             "checkpoint": res.checkpoint_uri}
 

@@ -49,7 +49,7 @@ def _load(source: Any, where: str) -> dict[str, Any]:
     try:
         state: dict[str, Any] = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        first = storage.redact(str(exc).strip().splitlines()[0][:300]) if str(exc).strip() else type(exc).__name__
         raise CheckpointRefused(f"checkpoint {where} refused: it holds more than tensors and plain types, and raysl "
                                 f"never unpickles code ({first}); delete that checkpoint folder to resume from an "
                                 "earlier one") from None
@@ -65,7 +65,8 @@ def read_model_state(uri: str, s3: S3Settings | None = None) -> dict[str, torch.
     try:
         data = storage.read_bytes(f"{uri.rstrip('/')}/{STATE_FILE}", s3)
     except (FileNotFoundError, OSError) as exc:
-        raise FileNotFoundError(f"train.init_from: no {STATE_FILE} under {storage.redact(uri)} ({exc})") from None
+        raise FileNotFoundError(f"train.init_from: no {STATE_FILE} under {storage.redact(uri)} "
+                                f"({storage.redact_exc(exc)})") from None
     return dict(_load(io.BytesIO(data), storage.redact(uri))["model"])
 
 
@@ -74,7 +75,7 @@ def warm_start(method: nn.Module, model_state: dict[str, torch.Tensor], source: 
     try:
         method.load_state_dict(model_state)
     except RuntimeError as exc:
-        head = str(exc).splitlines()[0:3]
+        head = storage.redact(str(exc)).splitlines()[0:3]
         raise ValueError(f"train.init_from={source}: the checkpoint does not fit this config's model "
                          f"({' '.join(head)[:400]})") from None
 

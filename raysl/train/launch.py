@@ -28,6 +28,7 @@ from raysl.lock import LockHeld, RunLock
 from raysl.methods import get_method
 from raysl.storage import S3Settings, StorageError, redact
 from raysl.train.checkpoint import read_model_state
+from raysl.train.errors import RunStopped
 from raysl.train.labeled import load_labeled
 from raysl.train.loop import FATAL_FILE, train_loop_per_worker
 from raysl.train.register import RegistrationError, register_checkpoint
@@ -36,10 +37,6 @@ from raysl.train.run_state import RunState, read_state, state_uri, write_state
 from raysl.train.stream import TRACE_ENV
 
 log = logging.getLogger(__name__)
-
-
-class RunStopped(RuntimeError):
-    """The run stopped for a reason a retry would meet again (the message says which); not retried."""
 
 
 @dataclass

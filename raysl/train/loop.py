@@ -111,9 +111,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         # beside the checkpoints for the driver, which raises it (Ray Train's result only carries the metrics
         # of the last checkpoint).
         cause = exc.__cause__ or exc
-        log.error("rank %d stops: %s", rank, cause)
+        log.error("rank %d stops: %s", rank, storage.redact_exc(cause))
         if rank == 0 and loop_cfg.get("fatal_uri"):
-            storage.write_bytes(str(loop_cfg["fatal_uri"]), f"{type(cause).__name__}: {cause}".encode())
+            storage.write_bytes(str(loop_cfg["fatal_uri"]), storage.redact_exc(cause).encode())
 
 
 def _setup_error(exc: Exception) -> bool:

@@ -19,13 +19,11 @@ from raysl.config import PretrainConfig
 from raysl.methods.base import describe_encoder
 from raysl.models.files import load_encoder_dir
 from raysl.storage import redact
+from raysl.train.errors import RegistrationError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-
-class RegistrationError(RuntimeError):
-    """Training finished but its encoder could not be registered; rerunning the command registers it."""
 
 
 def with_retry(what: str, fn: Callable[[], T], budget_s: float, first_wait_s: float = 1.0) -> T:

@@ -13,11 +13,10 @@ from typing import Any
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
+from raysl.train.errors import ClusterTooSmall
+
 log = logging.getLogger(__name__)
 
-
-class ClusterTooSmall(RuntimeError):
-    """The workers asked for do not fit the cluster within the wait."""
 
 
 def _fmt(resources: dict[str, Any]) -> str:

@@ -16,12 +16,11 @@ import pyarrow.fs as pafs
 
 from raysl import storage
 from raysl.storage import S3Settings, redact
+from raysl.train.errors import RunStateError
 
 STATE_NAME = "raysl-run.json"
 
 
-class RunStateError(RuntimeError):
-    """The run's state file exists but cannot be read; nothing is retrained or re-registered until it can."""
 
 
 @dataclass

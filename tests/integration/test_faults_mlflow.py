@@ -18,8 +18,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from raysl.storage import S3Settings
+from raysl.train.errors import RegistrationError
 from raysl.train.launch import pretrain
-from raysl.train.register import RegistrationError
 from raysl.train.run_state import read_state, state_uri
 
 from .fault_data import byol_cfg, history, write_poisoned

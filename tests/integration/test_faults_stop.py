@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from raysl.train.launch import RunStopped, pretrain
-from raysl.train.resources import ClusterTooSmall
+from raysl.train.errors import ClusterTooSmall, RunStopped
+from raysl.train.launch import pretrain
 
 from .fault_data import byol_cfg, history, write_poisoned
 from .faults import local_checkpoints

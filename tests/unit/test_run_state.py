@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from raysl.storage import S3Settings
-from raysl.train.run_state import RunState, RunStateError, read_state, state_uri, write_state
+from raysl.train.errors import RunStateError
+from raysl.train.run_state import RunState, read_state, state_uri, write_state
 
 S3 = S3Settings()
 
