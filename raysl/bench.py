@@ -241,4 +241,12 @@ def run(what: str, args: argparse.Namespace) -> dict[str, Any]:
         from raysl.bench_step import bench_step
 
         return bench_step(args)
-    raise ValueError(f"bench: {what!r} is not one of ('ingest', 'step', 'clip-loss', 'ijepa-context')")
+    if what == "decode":  # peak memory of one decode task on large photos; --before: another views.py beside it
+        from raysl.bench_decode import decode_memory
+
+        runs = {"after": decode_memory(args.view, args.images, image_size=args.image_size, photo_dir=args.photo_dir)}
+        if args.before:
+            runs["before"] = decode_memory(args.view, args.images, image_size=args.image_size,
+                                           photo_dir=args.photo_dir, views_file=args.before)
+        return runs
+    raise ValueError(f"bench: {what!r} is not one of ('ingest', 'step', 'clip-loss', 'ijepa-context', 'decode')")

@@ -1,9 +1,10 @@
 """MLflow: the driver creates (or resumes) the run, rank 0 logs metrics, the driver registers the encoder.
 
 An MLflow outage never kills training: workers log from a background thread that buffers metrics through
-the outage and sends them once MLflow answers (raysl/metric_logger.py). Encoders are registered as pyfunc models logged as code (models/pyfunc_encoder.py) whose weights are
-safetensors plus a JSON spec, so loading one never unpickles anything. Every URI, exception text, param and tag
-that leaves this module goes through `storage.redact`.
+the outage and sends them once MLflow answers (raysl/metric_logger.py). Encoders are registered as pyfunc
+models logged as code (models/pyfunc_encoder.py) whose weights are safetensors plus a JSON spec, so loading
+one never unpickles anything. Every URI, exception text, param and tag that leaves this module goes through
+`storage.redact`.
 """
 
 from __future__ import annotations
