@@ -159,7 +159,7 @@ def _pretrain(cfg: PretrainConfig, s3: S3Settings, name: str, resume: bool) -> P
     if state is not None and state.complete:
         log.info("run %s already finished (model %s v%s); nothing to train", name, model_name, state.model_version)
         return PretrainResult(name, state.mlflow_run_id or "", model_name, str(state.model_version),
-                              str(state.checkpoint), state.metrics)
+                              checkpoint_uri(cfg, str(state.checkpoint)), state.metrics)
     state = state or RunState()
     run_id = _start_run(cfg, uri, name, state.mlflow_run_id)
     state.mlflow_run_id = run_id or state.mlflow_run_id  # an outage on resume keeps the run id it had
@@ -177,7 +177,7 @@ def _pretrain(cfg: PretrainConfig, s3: S3Settings, name: str, resume: bool) -> P
     version = _finish(cfg, uri, name, model_name, state, ckpt)
     state.complete, state.model_version = True, version
     write_state(state_at, state, s3)
-    ckpt_uri = redact(ckpt.path)
+    ckpt_uri = checkpoint_uri(cfg, ckpt.path)
     log.info("%s", console.summary(steps=int(state.metrics.get("step", cfg.train.steps)),
                                    seconds=time.monotonic() - t_start, metrics=state.metrics,
                                    model=f"models:/{model_name}@{cfg.tracking.alias} (version {version})",

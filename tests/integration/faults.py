@@ -49,6 +49,12 @@ class Proxy:
     def cut(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
+            # close() alone does not wake a thread blocked in accept() on Linux, and the socket would go on
+            # accepting: shutdown() does, and the port stops listening at once
+            try:
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             listener.close()
         with self._lock:
             for c in self._conns:

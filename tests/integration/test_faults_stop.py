@@ -22,6 +22,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 SECRET = "Sup3r/Secret+Pa55@word"  # the shapes that broke the old redaction: '/', '+', '@'
 USERINFO_SECRET = "tok3n-Only-Secret-Value"
+URL_PASSWORD = "Url-Pa55word-Secret"  # MLflow refuses a tracking URL whose password holds '/' or '@'
+ENV_SECRET = "Env-Secret-Value-0123"
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +77,9 @@ def test_more_workers_than_the_cluster_fails_in_bounded_time(clean: Path, mlflow
 def test_one_nan_batch_is_skipped_and_no_secret_leaks(clean: Path, mlflow_server: str, ray_cluster: None,
                                                       workspace: Path, monkeypatch: pytest.MonkeyPatch,
                                                       caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", ENV_SECRET)  # sent as a bearer header; this server ignores it
     host = mlflow_server.removeprefix("http://")
-    tracking = f"http://raysl:{SECRET}@{host}"  # the server ignores basic auth; the client must not print it
+    tracking = f"http://raysl:{URL_PASSWORD}@{host}"  # the server ignores basic auth; raysl must not print it
     storage = workspace / "faults-stop-secret"
     cfg = byol_cfg(str(clean), str(storage), tracking, steps=8, train__run_name="nan-skip",
                    train__nan_at_steps=[3])
@@ -103,6 +105,6 @@ def test_one_nan_batch_is_skipped_and_no_secret_leaks(clean: Path, mlflow_server
         "errors": " ".join(errors),
         "version tags": repr([v.tags for v in client.search_model_versions(f"run_id = '{result.run_id}'")]),
     }
-    for secret in (SECRET, USERINFO_SECRET, "testing-secret-do-not-log"):
+    for secret in (SECRET, USERINFO_SECRET, URL_PASSWORD, ENV_SECRET, "testing-secret-do-not-log"):
         leaked = [where for where, text in places.items() if secret in text]
         assert not leaked, f"{secret!r} reached {leaked}"
