@@ -63,9 +63,7 @@ def test_mlflow_gap_mid_run_is_flushed_and_registration_succeeds(data: Path, pro
     result = pretrain(cfg)
     t.join(60)
     assert len(cut_at) == 2, "the outage did not happen during the run"
-    from mlflow.tracking import MlflowClient as Client
-
-    losses = Client(proxy.url).get_metric_history(result.run_id, "loss")
+    losses = MlflowClient(proxy.url).get_metric_history(result.run_id, "loss")
     assert sorted(m.step for m in losses) == list(range(2, 41, 2)), "metrics were lost"
     during = [m.step for m in losses if cut_at[0] * 1000 < m.timestamp < cut_at[1] * 1000]
     assert during, "no step was logged while MLflow was down: training waited, or the gap was not flushed"
