@@ -183,7 +183,9 @@ def shard(src: str, dst: str, fmt: str, *, rows_per_shard: int = 1000, max_pixel
     labels = len({os.path.dirname(f) for f in files}) > 1
     _, src_path = storage.resolve(src, s3)
     ledger = Ledger.remote()  # type: ignore[attr-defined]
-    ds = read_images(src, fmt="images", s3=s3, with_labels=True)
+    # A seeded file order: class folders list one class after another, and shards written in that order would
+    # each hold a few classes, which a worker reading its own shards would see as whole epochs of them.
+    ds = read_images(src, fmt="images", s3=s3, with_labels=True, shuffle_files=True, shuffle_seed=0)
     caps = ray.put(read_captions(captions, s3)) if captions else None
     ds = ds.map_batches(Validate(src_path, fmt, ledger, labels, max_pixels, caps), batch_size=256,
                         batch_format="numpy")
