@@ -100,6 +100,24 @@ class Proxy:
                 s.close()
 
 
+def outage(proxy: Proxy, seconds: float, after: Callable[[], bool], what: str) -> tuple[threading.Thread, list[float]]:
+    """A thread that waits for `after()`, cuts `proxy` for `seconds`, then resumes it; the list gets the wall
+    times (time.time()) of the cut and of the resume."""
+    times: list[float] = []
+
+    def run() -> None:
+        wait_for(what, after, every=0.2)
+        proxy.cut()
+        times.append(time.time())
+        time.sleep(seconds)
+        proxy.resume()
+        times.append(time.time())
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, times
+
+
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 300.0, every: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while not check():

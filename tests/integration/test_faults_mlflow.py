@@ -23,7 +23,7 @@ from raysl.train.launch import pretrain
 from raysl.train.run_state import read_state, state_uri
 
 from .fault_data import byol_cfg, history, write_poisoned
-from .faults import Proxy, local_checkpoints, wait_for
+from .faults import Proxy, local_checkpoints, outage, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -47,18 +47,7 @@ def test_mlflow_gap_mid_run_is_flushed_and_registration_succeeds(data: Path, pro
     storage = workspace / "faults-mlflow-gap"
     cfg = byol_cfg(str(data), str(storage), proxy.url, steps=40, train__run_name="mlflow-gap",
                    tracking__retry_s=90)
-    cut_at: list[float] = []
-
-    def outage() -> None:
-        wait_for("the first checkpoint", lambda: len(local_checkpoints(storage, "mlflow-gap")) >= 1)
-        proxy.cut()
-        cut_at.append(time.time())
-        time.sleep(30)
-        proxy.resume()
-        cut_at.append(time.time())
-
-    t = threading.Thread(target=outage, daemon=True)
-    t.start()
+    t, cut_at = outage(proxy, 30, lambda: len(local_checkpoints(storage, "mlflow-gap")) >= 1, "the first checkpoint")
     started = time.monotonic()
     result = pretrain(cfg)
     t.join(60)

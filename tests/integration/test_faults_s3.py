@@ -3,8 +3,6 @@ reached through a TCP proxy the test cuts; reads and checkpoint writes retry and
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -14,7 +12,7 @@ from raysl.train.launch import pretrain
 
 from .conftest import S3
 from .fault_data import byol_cfg, write_poisoned
-from .faults import Proxy, wait_for
+from .faults import Proxy, outage
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -29,21 +27,11 @@ def test_s3_cut_mid_run_is_survived(s3: S3, mlflow_server: str, ray_cluster: Non
     storage = f"s3://{s3.bucket}/faults-s3/runs"
     cfg = byol_cfg(f"s3://{s3.bucket}/faults-s3/data", storage, mlflow_server, steps=24,
                    train__run_name="s3-cut", s3__endpoint_url=proxy.url)
-    cut: list[float] = []
 
     def checkpoints() -> list[str]:
         return sorted({k.split("/")[3] for k in s3.keys("faults-s3/runs/s3-cut/") if "/checkpoint_" in k})
 
-    def outage() -> None:
-        wait_for("the first checkpoint in S3", lambda: len(checkpoints()) >= 1, every=0.5)
-        proxy.cut()
-        cut.append(time.monotonic())
-        time.sleep(20)
-        proxy.resume()
-        cut.append(time.monotonic())
-
-    t = threading.Thread(target=outage, daemon=True)
-    t.start()
+    t, cut = outage(proxy, 20, lambda: len(checkpoints()) >= 1, "the first checkpoint in S3")
     try:
         result = pretrain(cfg)
     finally:
