@@ -30,8 +30,9 @@ class DataConfig(Strict):
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, gt=0, description="decompression-bomb guard")
     shuffle_buffer: int = Field(2048, ge=0, description="rows in each worker's local shuffle buffer")
     limit: int | None = Field(None, gt=0, description="read at most this many samples")
-    deterministic: bool = Field(False, description="keep Ray Data's row order (seeded file shuffle + preserve_order):"
-                                " two runs see the same data order, at some cost in throughput")
+    deterministic: bool = Field(False, description="sources Ray Train splits (COCO, a held subset): keep Ray "
+                                "Data's row order (seeded file shuffle + preserve_order), so two runs see the same "
+                                "data order, at some cost in throughput; file-list sources always keep it")
 
     @field_validator("uri")
     @classmethod
