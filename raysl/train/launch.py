@@ -34,7 +34,7 @@ from raysl.train.loop import FATAL_FILE, train_loop_per_worker
 from raysl.train.register import RegistrationError, register_checkpoint
 from raysl.train.resources import check_fits
 from raysl.train.run_state import RunState, read_state, state_uri, write_state
-from raysl.train.stream import TRACE_ENV
+from raysl.train.stream import TRACE_ENV, quiet_data
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +78,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                        dashboard_host="127.0.0.1", dashboard_port=port,
                        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
     console.ray_started(getattr(ctx, "address_info", {}).get("session_dir"))  # a ray:// client has none
-
-
-def quiet_data() -> None:
-    """Ray Data's progress bars off unless --verbose: a training dataset re-executes every epoch, and its
-    per-operator bars redrew thousands of lines per run. Set before datasets are made (each keeps a copy)."""
-    if console.is_verbose():
-        return
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.enable_operator_progress_bars = False
-    ctx.print_on_execution_start = False
 
 
 def _free_port() -> int:

@@ -153,19 +153,29 @@ def batches_from_shard(shard: Any, batch_size: int, shuffle_buffer: int, seed: i
         epoch += 1
 
 
+def quiet_data() -> None:
+    """Ray Data's progress bars off unless --verbose: every epoch of a training stream is an execution, and its
+    per-operator bars redrew thousands of lines per run. Set before datasets are made (each keeps a copy)."""
+    if is_verbose():
+        return
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
 def epoch_reader(cfg: PretrainConfig, batch_size: int, rank: int, world: int
                   ) -> Callable[[list[str], int], Iterator[dict[str, Any]]]:
     """`(files, epoch) → batches`: this worker's own Ray Data stream over `files`, order preserved and the local
     shuffle seeded by (seed, epoch, rank), so the same epoch replays the same batches."""
-    import ray.data
 
     from raysl.storage import S3Settings
 
     method_cls = get_method(cfg.method.name)
     s3 = S3Settings.resolve(cfg.s3.endpoint_url, cfg.s3.region)
-    if not is_verbose():
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = ctx.enable_operator_progress_bars = ctx.print_on_execution_start = False
+    quiet_data()  # in this worker's process: its epoch datasets are made here
     if cfg.data.limit:  # data.limit is for the whole run: each worker reads its part of it
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"limit": -(-cfg.data.limit // world)})})
 
