@@ -33,6 +33,11 @@ class DataConfig(Strict):
     deterministic: bool = Field(False, description="sources Ray Train splits (COCO, a held subset): keep Ray "
                                 "Data's row order (seeded file shuffle + preserve_order), so two runs see the same "
                                 "data order, at some cost in throughput; file-list sources always keep it")
+    augment_on: Literal["cpu", "gpu"] = Field("cpu", description="where the method's augmentations run: cpu (Ray "
+                                              "Data CPU workers) or gpu (Ray Data only decodes to uint8 at a "
+                                              "bounded size; the training worker augments the batch on its device)")
+    gpu_decode_size: int | None = Field(None, ge=8, description="augment_on=gpu: the side each image is resized to "
+                                        "(whole) before it is sent to the device; default 2 × model.image_size")
 
     @field_validator("uri")
     @classmethod

@@ -158,7 +158,10 @@ def snapshot_files(uri: str, s3: S3Settings | None = None) -> list[str]:
 
 def list_files(uri: str, s3: S3Settings | None = None, suffixes: tuple[str, ...] | None = None) -> list[str]:
     """List files under a URI (or the URI itself if it is a file), sorted; fails with the URI named.
-    A `*.snapshot.json` URI lists the files its manifest froze."""
+    A `*.snapshot.json` URI lists the files its manifest froze.
+
+    One listing pass: a prefix of n objects on S3 costs ceil(n/1000) LIST requests and nothing else (the prefix is
+    listed first; only a URI with no files under it is looked up on its own, to tell one object from nothing)."""
     if uri.endswith(SNAPSHOT_SUFFIX):
         files = snapshot_files(uri, s3)
         if suffixes is not None:
@@ -168,14 +171,17 @@ def list_files(uri: str, s3: S3Settings | None = None, suffixes: tuple[str, ...]
         return files
     fs, path = resolve(uri, s3)
     try:
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.File:
-            files = [path]
-        elif info.type == pafs.FileType.Directory:
-            sel = pafs.FileSelector(path, recursive=True)
-            files = sorted(i.path for i in fs.get_file_info(sel) if i.type == pafs.FileType.File)
-        else:
-            raise StorageError(f"data URI {redact(uri)!r} matches nothing")
+        try:
+            found = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        except NotADirectoryError:  # a local file (on S3 a file's prefix lists nothing)
+            found = []
+        files = sorted(i.path for i in found if i.type == pafs.FileType.File)
+        if not files:  # one object, an empty folder or nothing
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.File:
+                files = [path]
+            elif info.type != pafs.FileType.Directory:
+                raise StorageError(f"data URI {redact(uri)!r} matches nothing")
     except StorageError:
         raise
     except Exception as exc:  # pyarrow raises OSError subclasses with the endpoint's reply

@@ -6,6 +6,11 @@ Captions (image-text data) come from a WebDataset `txt` member or a field of its
 Parquet column; a missing caption becomes '' and is counted as a bad sample downstream.
 Every reader lists its files first, so a URI that matches nothing fails before any worker starts; Parquet
 files' schemas are all checked (metadata only) so a missing or mistyped column is named before any worker starts.
+
+A listing is made once and passed on: `list_source` returns a `Listing` (the URI, its format, its files) that
+`source_columns`, `data_files`, `read_images` and `read_labels` take in place of the URI, so a driver that checks
+a source, hands its files to the workers and reads it lists the prefix once (on a bucket of millions of objects
+each listing pass is thousands of requests).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -51,10 +57,59 @@ def _select(files: list[str], fmt: str) -> list[str]:
     return [f for f in files if f.lower().endswith(suffix)]
 
 
-def parquet_columns(uri: str, s3: S3Settings | None = None) -> list[str]:
-    files = _select(list_files(uri, s3), "parquet")
-    fs, _ = resolve(uri, s3)
-    return list(pq.read_schema(files[0], filesystem=fs).names)
+@dataclass(frozen=True)
+class Listing:
+    """One listing of a data URI, made once (`list_source`) and passed on instead of listing again: the URI, the
+    format of its data and that format's files, sorted, as paths on the URI's filesystem. `schemas`: every
+    file's Parquet schema, where they were read along with the listing (`with_schemas`)."""
+
+    uri: str
+    fmt: str
+    files: tuple[str, ...]
+    schemas: tuple[pa.Schema, ...] | None = None
+
+    def __repr__(self) -> str:  # a listing holds up to millions of paths; its repr must not
+        return f"Listing({redact(self.uri)!r}, {self.fmt!r}, {len(self.files)} files)"
+
+
+def list_source(uri: str, fmt: str = "auto", s3: S3Settings | None = None) -> Listing:
+    """List `uri` once: its format (detected from the files when `fmt` is "auto") and that format's files. Fails,
+    naming the URI (redacted), when it matches nothing or holds no files of the format."""
+    files = list_files(uri, s3)
+    fmt = detect_format(files) if fmt == "auto" else fmt
+    if fmt not in FORMATS:
+        raise ValueError(f"data.format: {fmt!r} is not one of {FORMATS}")
+    selected = _select(files, fmt)
+    if not selected:
+        raise StorageError(f"data URI {redact(uri)!r} holds no {fmt} files")
+    return Listing(uri, fmt, tuple(selected))
+
+
+def _listing(source: str | Listing, fmt: str, s3: S3Settings | None) -> Listing:
+    """`source` itself if it is a listing (of format `fmt`, unless that is "auto"), else a new listing of it."""
+    if isinstance(source, Listing):
+        if fmt not in ("auto", source.fmt):
+            raise ValueError(f"data.format: {fmt!r}, but {redact(source.uri)!r} was listed as {source.fmt!r}")
+        return source
+    return list_source(source, fmt, s3)
+
+
+def with_schemas(listing: Listing, s3: S3Settings | None = None) -> Listing:
+    """The listing with every Parquet file's schema read once (footers only), for a caller that reads the same
+    Parquet source more than once (its columns, its images, its labels); other formats are returned as they are."""
+    if listing.fmt != "parquet" or listing.schemas is not None:
+        return listing
+    fs, _ = resolve(listing.uri, s3)
+    return replace(listing, schemas=tuple(parquet_schemas(list(listing.files), fs)))
+
+
+def parquet_columns(source: str | Listing, s3: S3Settings | None = None) -> list[str]:
+    """The first Parquet file's columns (one footer read; the listing is reused when given)."""
+    listing = _listing(source, "parquet", s3)
+    if listing.schemas is not None:
+        return list(listing.schemas[0].names)
+    fs, _ = resolve(listing.uri, s3)
+    return list(parquet_schemas([listing.files[0]], fs)[0].names)
 
 
 def _image_bytes(value: Any) -> bytes:
@@ -82,7 +137,7 @@ def parquet_schemas(files: list[str], fs: pafs.FileSystem) -> list[pa.Schema]:
         return list(pool.map(lambda f: pq.read_schema(f, filesystem=fs), files))
 
 
-def _check_parquet(files: list[str], schemas: list[pa.Schema], uri: str, required: dict[str, str],
+def _check_parquet(files: list[str], schemas: tuple[pa.Schema, ...], uri: str, required: dict[str, str],
                    image_column: str) -> None:
     """Fail, naming the file, when a file lacks a required column ({column: its setting's name}) or its image
     column is not image bytes."""
@@ -167,8 +222,21 @@ def _given(files: list[str], uri: str) -> list[str]:
     return out
 
 
+def _read_parquet_v1(files: list[str], fs: pafs.FileSystem, shuffle: Any) -> ray.data.Dataset:
+    """read_parquet through Ray's V1 Parquet datasource. Ray 2.60's default (DataSourceV2) plans every execution
+    as a ListFiles task then ReadFiles, and each training worker's epoch is an execution: measured on 1,000 images
+    in 4 shards, 5–10 s before the first batch and 83–177 img/s end to end, against 1.7 s and 470–600 img/s with
+    V1 on the same files (/tmp profile in the issue 12 note). The flag is read when the dataset is planned."""
+    ctx = ray.data.DataContext.get_current()
+    before, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(files, filesystem=fs, shuffle=shuffle)
+    finally:
+        ctx.use_datasource_v2 = before
+
+
 def read_images(
-    uri: str,
+    source: str | Listing,
     *,
     fmt: str = "auto",
     s3: S3Settings | None = None,
@@ -184,19 +252,26 @@ def read_images(
 ) -> ray.data.Dataset:
     """Open an image corpus as a stream of {image: bytes, key: str[, label: str][, caption: str]} rows.
 
+    `source`: a URI, listed here, or a `Listing` of one (not listed again).
     `caption_column` set: image-text data (WebDataset `txt`/`json`, or that Parquet column).
-    `files` set: read exactly these (paths on `uri`'s filesystem, or URIs of its scheme) instead of listing `uri`.
+    `files` set: read exactly these (paths on the URI's filesystem, or URIs of its scheme) instead of listing it.
     """
     s3 = s3 or S3Settings.resolve()
-    # `files` given (a training worker's part of an epoch): exactly those, in that order; uri names the store
-    files = _given(files, uri) if files is not None else list_files(uri, s3)
-    if fmt == "auto":
-        fmt = detect_format(files)
-    if fmt not in FORMATS:
-        raise ValueError(f"data.format: {fmt!r} is not one of {FORMATS}")
-    files = _select(files, fmt)
-    if not files:
-        raise StorageError(f"data URI {redact(uri)!r} holds no {fmt} files")
+    schemas: tuple[pa.Schema, ...] | None = None
+    if files is not None:  # a training worker's part of an epoch: exactly those, in that order; uri names the store
+        uri = source.uri if isinstance(source, Listing) else source
+        fmt = source.fmt if isinstance(source, Listing) else fmt
+        files = _given(files, uri)
+        if fmt == "auto":
+            fmt = detect_format(files)
+        if fmt not in FORMATS:
+            raise ValueError(f"data.format: {fmt!r} is not one of {FORMATS}")
+        files = _select(files, fmt)
+        if not files:
+            raise StorageError(f"data URI {redact(uri)!r} holds no {fmt} files")
+    else:
+        listing = _listing(source, fmt, s3)
+        uri, fmt, files, schemas = listing.uri, listing.fmt, list(listing.files), listing.schemas
     fs, _ = resolve(uri, s3)
     # A seeded file order (reseeded each epoch) makes a run's data order reproducible; None: unseeded.
     shuffle: ray.data.FileShuffleConfig | Literal["files"] | None = None
@@ -217,7 +292,7 @@ def read_images(
                              fn_kwargs={"with_labels": with_labels, "caption_field": caption_column},
                              batch_format="numpy")
     else:
-        schemas = parquet_schemas(files, fs)
+        schemas = schemas if schemas is not None else tuple(parquet_schemas(files, fs))
         # columns every file has, in the first file's order: an optional column (label, key) is used only then
         cols = [c for c in schemas[0].names if all(c in s.names for s in schemas[1:])]
         lab = label_column if with_labels else None
@@ -234,7 +309,7 @@ def read_images(
         key_col = "key" if "key" in cols else None
         wanted = list(dict.fromkeys(c for c in (image_column, lab, key_col, caption_column) if c))
         # select_columns, not read_parquet(columns=…) (deprecated in Ray 2.60); the projection is pushed into the read
-        ds = ray.data.read_parquet(files, filesystem=fs, shuffle=shuffle).select_columns(wanted)
+        ds = _read_parquet_v1(files, fs, shuffle).select_columns(wanted)
         ds = ds.map_batches(
             _norm_parquet,  # type: ignore[arg-type]
             fn_kwargs={"image_column": image_column, "label_column": lab, "key_column": key_col,
@@ -249,35 +324,33 @@ def read_images(
     return ds
 
 
-def read_labels(uri: str, *, fmt: str = "auto", s3: S3Settings | None = None,
+def read_labels(source: str | Listing, *, fmt: str = "auto", s3: S3Settings | None = None,
                 label_column: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(keys, label names) of a labeled corpus, in one pass over its key and label columns."""
-    ds = read_images(uri, fmt=fmt, s3=s3, with_labels=True, label_column=label_column, rows_per_block=None)
+    """(keys, label names) of a labeled corpus (a URI, or a `Listing` of one), in one pass over its key and label
+    columns."""
+    ds = read_images(source, fmt=fmt, s3=s3, with_labels=True, label_column=label_column, rows_per_block=None)
     parts = list(ds.select_columns(["key", "label"]).iter_batches(batch_size=4096, batch_format="numpy"))
     if not parts:
+        uri = source.uri if isinstance(source, Listing) else source
         raise ValueError(f"labeled data {redact(uri)!r} yielded no samples")
     return (np.concatenate([p["key"] for p in parts]).astype(str),
             np.concatenate([p["label"] for p in parts]).astype(str))
 
 
-def source_columns(uri: str, fmt: str = "auto", s3: S3Settings | None = None,
+def source_columns(source: str | Listing, fmt: str = "auto", s3: S3Settings | None = None,
                    caption_column: str = "caption", label_column: str | None = None) -> set[str]:
-    """Columns a source offers after normalisation, checked against a method's required columns."""
-    files = list_files(uri, s3)
-    fmt = detect_format(files) if fmt == "auto" else fmt
-    if fmt == "parquet":
-        cols = set(parquet_columns(uri, s3))
+    """Columns a source (a URI, or a `Listing` of one) offers after normalisation, checked against a method's
+    required columns."""
+    listing = _listing(source, fmt, s3)
+    if listing.fmt == "parquet":
+        cols = set(parquet_columns(listing, s3))
         return (cols | {"image", "key"} | ({"caption"} if caption_column in cols else set())
                 | ({"label"} if label_column in cols else set()))
-    if fmt == "webdataset":  # captions are per sample (`txt`/`json`); missing ones are counted, not fatal
+    if listing.fmt == "webdataset":  # captions are per sample (`txt`/`json`); missing ones are counted, not fatal
         return {"image", "key", "label", "caption"}
     return {"image", "key", "label"}
 
 
-def data_files(uri: str, fmt: str = "auto", s3: S3Settings | None = None) -> list[str]:
-    """The files a reader of `uri` would read, in sorted order (the training driver lists them once)."""
-    files = list_files(uri, s3)
-    files = _select(files, detect_format(files) if fmt == "auto" else fmt)
-    if not files:
-        raise StorageError(f"data URI {redact(uri)!r} holds no {fmt} files")
-    return files
+def data_files(source: str | Listing, fmt: str = "auto", s3: S3Settings | None = None) -> list[str]:
+    """The files a reader of the source (a URI, or a `Listing` of one) would read, in sorted order."""
+    return list(_listing(source, fmt, s3).files)

@@ -16,11 +16,14 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile
 from torchvision.transforms import v2 as T
+
+from raysl.data.augment import ViewSpec, augment_uint8, sample_crops
 
 log = logging.getLogger(__name__)
 
@@ -130,67 +133,107 @@ class _Transform:
         return out
 
 
-def byol_pipeline(size: int, scale: tuple[float, float], flip_p: float, jitter: tuple[float, ...], jitter_p: float,
-                  gray_p: float, blur_p: float, solarize_p: float) -> T.Compose:
-    """One of BYOL's two asymmetric view pipelines (paper, Table 6); the pair differs in blur/solarize."""
-    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # ~10% of the image side, odd
-    b, c, s, h = jitter
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=scale, antialias=True),
-        T.RandomHorizontalFlip(flip_p),
-        T.RandomApply([T.ColorJitter(b, c, s, h)], p=jitter_p),
-        T.RandomGrayscale(gray_p),
-        T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p),
-        T.RandomSolarize(128, p=solarize_p),
-        T.PILToTensor(),
-    ])
+def _chw(img: Image.Image) -> np.ndarray:
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
 
-class TwoViews(_Transform):
-    """BYOL: two differently augmented views of each image."""
+class CropViews(_Transform):
+    """Random-resized-crop views of each image, augmented as a batch (raysl.data.augment).
 
-    def __init__(self, image_size: int, max_pixels: int, *, crop_scale: tuple[float, float], flip_p: float,
-                 jitter: tuple[float, float, float, float], jitter_p: float, gray_p: float,
-                 blur_p: tuple[float, float], solarize_p: tuple[float, float]) -> None:
-        super().__init__(image_size, max_pixels)
-        self.draft_side = crop_draft_side(image_size, crop_scale[0])
-        self.pipes = [
-            byol_pipeline(image_size, crop_scale, flip_p, jitter, jitter_p, gray_p, blur_p[i], solarize_p[i])
-            for i in (0, 1)
-        ]
+    `on="cpu"`: each image is decoded (drafted as far as the smallest crop allows), each view's crop is cut and
+    resized in one PIL call, then each view's flips, colour jitter, grayscale, blur and solarize run on the whole
+    batch as tensors. `on="gpu"`: each image is decoded and resized whole to `decode_side`², with its decoded
+    width and height (`decoded`, `decoded_hw`); the training worker makes the views on its device
+    (`augment.DeviceViews`, same specs, same distribution).
+    """
+
+    def __init__(self, max_pixels: int, specs: dict[str, ViewSpec], *, on: str = "cpu",
+                 decode_side: int | None = None) -> None:
+        size = next(iter(specs.values())).size
+        super().__init__(size, max_pixels)
+        if on not in ("cpu", "gpu"):
+            raise ValueError(f"data.augment_on: {on!r} is not one of ('cpu', 'gpu')")
+        self.specs, self.on = specs, on
+        self.decode_side = decode_side or 2 * size
+        min_scale = min(s.scale[0] for s in specs.values())
+        self.draft_side = crop_draft_side(size, min_scale) if on == "cpu" else self.decode_side
+        self.rng = np.random.default_rng()  # unseeded: each task's views differ
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._render(batch, {"view1": self.pipes[0], "view2": self.pipes[1]})
+        torch.set_num_threads(1)
+        n, gpu = len(batch["key"]), self.on == "gpu"
+        side = self.decode_side if gpu else self.size
+        out: dict[str, np.ndarray] = {name: np.zeros((n, 3, side, side), dtype=np.uint8)
+                                      for name in (["decoded"] if gpu else self.specs)}
+        hw, valid = np.zeros((n, 2), dtype=np.int32), np.zeros(n, dtype=bool)
+        for i in range(n):  # one decoded image alive at a time (see _Transform._render)
+            im = decode_or_none(batch["image"][i], str(batch["key"][i]), self.max_pixels, self.draft_side)
+            if im is None:
+                continue
+            valid[i], hw[i] = True, im.size
+            if gpu:
+                out["decoded"][i] = _chw(im.resize((side, side), Image.Resampling.BILINEAR))
+            for name, spec in ({} if gpu else self.specs).items():
+                x0, y0, w, h = (int(v) for v in sample_crops(hw[i, :1], hw[i, 1:], spec.scale, spec.ratio,
+                                                             self.rng)[0])
+                out[name][i] = _chw(im.resize((side, side), Image.Resampling.BILINEAR, box=(x0, y0, x0 + w, y0 + h)))
+            del im
+        if gpu:
+            out["decoded_hw"] = hw
+        elif valid.any():
+            rows = torch.from_numpy(np.flatnonzero(valid))
+            for name, spec in self.specs.items():
+                views = torch.from_numpy(out[name])
+                views[rows] = augment_uint8(views[rows], spec, self.rng)
+        out["valid"] = valid
+        out["key"] = np.asarray(batch["key"])
+        for passthrough in ("label", "caption"):
+            if passthrough in batch:
+                out[passthrough] = np.asarray(batch[passthrough])
+        return out
 
 
-class OneView(_Transform):
-    """I-JEPA: one random resized crop and a flip; no hand-crafted augmentations (the paper's point)."""
-
-    def __init__(self, image_size: int, max_pixels: int, *, crop_scale: tuple[float, float], flip_p: float) -> None:
-        super().__init__(image_size, max_pixels)
-        self.draft_side = crop_draft_side(image_size, crop_scale[0])
-        self.pipe = T.Compose([T.RandomResizedCrop(image_size, scale=crop_scale, antialias=True),
-                               T.RandomHorizontalFlip(flip_p), T.PILToTensor()])
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._render(batch, {"image": self.pipe})
+def two_view_specs(image_size: int, *, crop_scale: tuple[float, float], flip_p: float,
+                   jitter: tuple[float, float, float, float], jitter_p: float, gray_p: float,
+                   blur_p: tuple[float, float], solarize_p: tuple[float, float]) -> dict[str, ViewSpec]:
+    """BYOL's two asymmetric views (paper, Table 6): they differ in blur and solarize probabilities."""
+    return {f"view{i + 1}": ViewSpec(image_size, crop_scale, flip_p=flip_p, jitter=jitter, jitter_p=jitter_p,
+                                     gray_p=gray_p, blur_p=blur_p[i], solarize_p=solarize_p[i]) for i in (0, 1)}
 
 
-class ImageText(OneView):
+def TwoViews(image_size: int, max_pixels: int, *, on: str = "cpu", decode_side: int | None = None,
+             **augment: Any) -> CropViews:
+    """BYOL: two differently augmented views of each image (`view1`, `view2`); `augment`: two_view_specs'."""
+    return CropViews(max_pixels, two_view_specs(image_size, **augment), on=on, decode_side=decode_side)
+
+
+def one_view_spec(image_size: int, *, crop_scale: tuple[float, float], flip_p: float) -> dict[str, ViewSpec]:
+    """I-JEPA and CLIP: one random resized crop and a flip; no hand-crafted augmentations (I-JEPA's point)."""
+    return {"image": ViewSpec(image_size, crop_scale, flip_p=flip_p)}
+
+
+def OneView(image_size: int, max_pixels: int, *, crop_scale: tuple[float, float], flip_p: float, on: str = "cpu",
+            decode_side: int | None = None) -> CropViews:
+    return CropViews(max_pixels, one_view_spec(image_size, crop_scale=crop_scale, flip_p=flip_p), on=on,
+                     decode_side=decode_side)
+
+
+class ImageText:
     """CLIP: OneView's crop and flip of the image, plus the caption tokenized here, on Ray Data's CPU workers.
 
     A sample is valid only if its image decodes and its caption is not empty; the rest are counted.
     """
 
     def __init__(self, image_size: int, max_pixels: int, *, crop_scale: tuple[float, float], flip_p: float,
-                 context_length: int) -> None:
-        super().__init__(image_size, max_pixels, crop_scale=crop_scale, flip_p=flip_p)
+                 context_length: int, on: str = "cpu", decode_side: int | None = None) -> None:
+        self.views = OneView(image_size, max_pixels, crop_scale=crop_scale, flip_p=flip_p, on=on,
+                             decode_side=decode_side)
         self.context_length = context_length
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from raysl.data.tokenizer import get_tokenizer
 
-        out = super().__call__(batch)
+        out = self.views(batch)
         captions = [str(c) if c is not None else "" for c in batch["caption"]]
         has_text = np.array([bool(c.strip()) for c in captions], dtype=bool)
         out["text"] = get_tokenizer(self.context_length).encode(captions)  # (N, L) int32

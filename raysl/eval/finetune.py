@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ from safetensors.torch import save as save_safetensors
 
 from raysl import storage, tracking
 from raysl.config import PretrainConfig, parse_config, set_dotted
-from raysl.data.sources import read_labels
+from raysl.data.sources import Listing, list_source, read_labels, with_schemas
 from raysl.storage import S3Settings, redact, redact_exc
 
 log = logging.getLogger(__name__)
@@ -141,9 +141,11 @@ def base_tree(source: Source, *, data_uri: str, steps: int, batch_size: int, lr:
 
 
 def run_inits(tree: dict[str, Any], inits: list[str], overrides: list[str], register_as: str,
-              tags: dict[str, str], score: Callable[[PretrainConfig, Any], dict[str, float]]) -> list[FinetuneRun]:
+              tags: dict[str, str], score: Callable[[PretrainConfig, Any], dict[str, float]],
+              listings: Sequence[Listing] = ()) -> list[FinetuneRun]:
     """Run the same recipe once per init (random init after pretrained, so both draw the same head), register
-    each (random init under `<name>-scratch`) and tag its version with the scores `score` returns."""
+    each (random init under `<name>-scratch`) and tag its version with the scores `score` returns. `listings`:
+    the data's listings, made once for every run (and the same files for each)."""
     from raysl.train.launch import pretrain
 
     runs = []
@@ -158,7 +160,7 @@ def run_inits(tree: dict[str, Any], inits: list[str], overrides: list[str], regi
             set_dotted(t, o)
         cfg = parse_config(t)
         start = time.perf_counter()
-        result = pretrain(cfg)
+        result = pretrain(cfg, listings=listings)
         scores = score(cfg, result)
         wall = time.perf_counter() - start
         _tag_version(cfg, result.model_name, result.model_version, result.run_id, scores)
@@ -191,9 +193,11 @@ def finetune_classification(model_uri: str, data_uri: str, test_uri: str, *, lab
     s3 = S3Settings.resolve()
     uri = tracking.tracking_uri(tracking_uri)
     source = prepare_source(model_uri, uri, storage_path, s3)
-    keys, labels = read_labels(data_uri, s3=s3, label_column=label_column)
+    # each split listed once, here: the label passes, every run's training files and its evaluation reuse it
+    data, test = (with_schemas(list_source(u, s3=s3), s3) for u in (data_uri, test_uri))
+    keys, labels = read_labels(data, s3=s3, label_column=label_column)
     classes = sorted(set(map(str, labels)))
-    _, test_labels = read_labels(test_uri, s3=s3, label_column=label_column)
+    _, test_labels = read_labels(test, s3=s3, label_column=label_column)
     check_test_labels(classes, test_labels)
     subset_uri = None
     n_train = len(keys)
@@ -225,5 +229,6 @@ def finetune_classification(model_uri: str, data_uri: str, test_uri: str, *, lab
     tags = {"raysl.label_fraction": str(label_fraction), "raysl.task": "classification",
             "raysl.labeled_samples": str(n_train)}
     report = FinetuneReport("classification", model_uri, counts={"labeled": n_train, "test": len(test_labels)})
-    report.runs = run_inits(tree, inits, overrides or [], f"{source.base_name}-classifier", tags, score)
+    report.runs = run_inits(tree, inits, overrides or [], f"{source.base_name}-classifier", tags, score,
+                            listings=(data, test))
     return report

@@ -7,13 +7,15 @@ No negative pairs.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from raysl.config import BYOLConfig, PretrainConfig
-from raysl.data.views import TwoViews, normalize
-from raysl.methods.base import BatchFn, Method, backbone_kwargs, method_config, register
+from raysl.data.views import TwoViews, normalize, two_view_specs
+from raysl.methods.base import BatchFn, Method, backbone_kwargs, device_views_for, method_config, register
 from raysl.methods.momentum import cosine_tau, ema_update, make_target
 from raysl.models.backbones import create_backbone
 from raysl.models.heads import mlp
@@ -38,6 +40,7 @@ def embedding_std(z: torch.Tensor) -> torch.Tensor:
 class BYOL(Method):
     name = "byol"
     batch_columns = ("view1", "view2")
+    augments_on_device = True
 
     def __init__(self, cfg: PretrainConfig) -> None:
         super().__init__()
@@ -52,6 +55,7 @@ class BYOL(Method):
         self.predictor = mlp(m.projector_dim, m.predictor_hidden, m.projector_dim)
         self.target_backbone = make_target(self.backbone)
         self.target_projector = make_target(self.projector)
+        self.device_views = device_views_for(cfg, two_view_specs(mc.image_size, **self._augment(cfg)))
 
     @classmethod
     def build(cls, cfg: PretrainConfig) -> BYOL:
@@ -59,18 +63,14 @@ class BYOL(Method):
 
     @classmethod
     def view_transform(cls, cfg: PretrainConfig) -> BatchFn:
+        return TwoViews(cfg.model.image_size, cfg.data.max_image_pixels, on=cfg.data.augment_on,
+                        decode_side=cfg.data.gpu_decode_size, **cls._augment(cfg))
+
+    @staticmethod
+    def _augment(cfg: PretrainConfig) -> dict[str, Any]:
         v = method_config(cfg, BYOLConfig).views
-        return TwoViews(
-            cfg.model.image_size,
-            cfg.data.max_image_pixels,
-            crop_scale=v.crop_scale,
-            flip_p=v.flip_p,
-            jitter=(v.brightness, v.contrast, v.saturation, v.hue),
-            jitter_p=v.jitter_p,
-            gray_p=v.gray_p,
-            blur_p=v.blur_p,
-            solarize_p=v.solarize_p,
-        )
+        return {"crop_scale": v.crop_scale, "flip_p": v.flip_p, "jitter": (v.brightness, v.contrast, v.saturation,
+                v.hue), "jitter_p": v.jitter_p, "gray_p": v.gray_p, "blur_p": v.blur_p, "solarize_p": v.solarize_p}
 
     def _online(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.projector(self.backbone(x))  # (B, D)

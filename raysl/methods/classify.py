@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raysl.config import ClassifyConfig, PretrainConfig
+from raysl.data.sources import Listing
 from raysl.data.views import LabeledView, keep_keys, normalize
 from raysl.methods.base import BatchFn, Method, method_config, register
 from raysl.methods.downstream import frozen_at, layer_decay_groups, start_encoder
@@ -67,20 +68,22 @@ class Classifier(Method):
                            crop_scale=t.crop_scale, flip_p=t.flip_p, auto_augment=t.auto_augment)
 
     @classmethod
-    def source_files(cls, cfg: PretrainConfig, s3: S3Settings) -> list[str] | None:
+    def source_files(cls, cfg: PretrainConfig, s3: S3Settings, listing: Listing | None = None) -> list[str] | None:
         """A labeled subset is held and repeated as one stream (below), not read by file."""
-        return super().source_files(cfg, s3) if method_config(cfg, ClassifyConfig).subset_uri is None else None
+        if method_config(cfg, ClassifyConfig).subset_uri is not None:
+            return None
+        return super().source_files(cfg, s3, listing)
 
     @classmethod
     def open_source(cls, cfg: PretrainConfig, s3: S3Settings, files: list[str] | None = None,
-                    ) -> tuple[ray.data.Dataset, dict[str, int]]:
+                    listing: Listing | None = None) -> tuple[ray.data.Dataset, dict[str, int]]:
         """The labeled stream; with a labeled subset, only its rows, read once and repeated.
 
         A few-label subset makes an epoch a handful of steps, and every epoch of a Ray Data stream pays its
         start-up again (read, split, the first decode), which dominated such runs. Held in the object store (its
         encoded bytes only) and repeated so that one pass covers the run, the subset streams as one long epoch;
         augmentation still runs afresh on every repeat."""
-        ds, counts = super().open_source(cfg, s3, files)
+        ds, counts = super().open_source(cfg, s3, files, listing)
         t = method_config(cfg, ClassifyConfig)
         if t.subset_uri is None:
             return ds, counts

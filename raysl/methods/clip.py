@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raysl.config import CLIPConfig, PretrainConfig
-from raysl.data.views import ImageText, normalize
-from raysl.methods.base import BatchFn, Method, backbone_kwargs, method_config, register
+from raysl.data.views import ImageText, normalize, one_view_spec
+from raysl.methods.base import BatchFn, Method, backbone_kwargs, device_views_for, method_config, register
 from raysl.methods.contrastive import all_reduce_grads, clip_loss, siglip_loss
 from raysl.models.backbones import create_backbone
 from raysl.models.heads import TextTower
@@ -30,6 +30,7 @@ class CLIP(Method):
     name = "clip"
     required_columns = frozenset({"image", "caption"})
     batch_columns = ("image", "text")
+    augments_on_device = True
     export_full = True
 
     def __init__(self, cfg: PretrainConfig) -> None:
@@ -38,6 +39,8 @@ class CLIP(Method):
         self.mean, self.std = mc.mean, mc.std
         self.loss_kind, self.micro_batches, self.loss_chunk = m.loss, m.micro_batches, m.loss_chunk
         self.max_log_scale = math.log(m.max_logit_scale)
+        self.device_views = device_views_for(cfg, one_view_spec(mc.image_size, crop_scale=m.crop_scale,
+                                                                flip_p=m.flip_p))
         self.visual = create_backbone(mc.backbone, cifar_stem=mc.cifar_stem, image_size=mc.image_size,
                                       patch_size=mc.patch_size, **backbone_kwargs(cfg))
         self.visual_proj = nn.Linear(int(self.visual.num_features), m.embed_dim, bias=False)  # type: ignore[arg-type]
@@ -58,7 +61,8 @@ class CLIP(Method):
     def view_transform(cls, cfg: PretrainConfig) -> BatchFn:
         m = method_config(cfg, CLIPConfig)
         return ImageText(cfg.model.image_size, cfg.data.max_image_pixels, crop_scale=m.crop_scale,
-                         flip_p=m.flip_p, context_length=m.context_length)
+                         flip_p=m.flip_p, context_length=m.context_length, on=cfg.data.augment_on,
+                         decode_side=cfg.data.gpu_decode_size)
 
     def logit_scale(self) -> torch.Tensor:
         return self.log_scale.clamp(max=self.max_log_scale).exp()

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from raysl.config import DetectConfig, PretrainConfig
 from raysl.data.detection import DetectionView, parse_coco, read_coco, unpad_targets
+from raysl.data.sources import Listing
 from raysl.methods.base import BatchFn, Method, method_config, register
 from raysl.methods.downstream import layer_decay_groups, start_encoder
 from raysl.models.backbones import eval_mode
@@ -70,19 +71,20 @@ class Detector(Method):
                              flip_p=t.flip_p)
 
     @classmethod
-    def check_source(cls, cfg: PretrainConfig, s3: S3Settings) -> None:
-        """The COCO file parses and its categories are the configured classes, before any worker starts."""
+    def check_source(cls, cfg: PretrainConfig, s3: S3Settings, listing: Listing | None = None) -> None:
+        """The COCO file parses and its categories are the configured classes, before any worker starts. The image
+        folder is not listed here (read_coco lists it where it joins images to annotations): no listing to return."""
         uri = coco_uri(cfg)
         _, index = parse_coco(read_bytes(uri, s3), uri)
         check_categories(cfg, [n for _, n in index.categories], uri)
 
     @classmethod
-    def source_files(cls, cfg: PretrainConfig, s3: S3Settings) -> list[str] | None:
+    def source_files(cls, cfg: PretrainConfig, s3: S3Settings, listing: Listing | None = None) -> list[str] | None:
         return None  # images joined to COCO annotations: Ray Train splits the joined stream
 
     @classmethod
     def open_source(cls, cfg: PretrainConfig, s3: S3Settings, files: list[str] | None = None,
-                    ) -> tuple[ray.data.Dataset, dict[str, int]]:
+                    listing: Listing | None = None) -> tuple[ray.data.Dataset, dict[str, int]]:
         t = method_config(cfg, DetectConfig)
         ds, index = read_coco(cfg.data.uri, s3=s3, annotations=t.annotations, limit=cfg.data.limit)
         return ds, index.counts()

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from raysl.config import IJEPAConfig, PretrainConfig
 from raysl.data.masks import MaskSpec, sample_masks
-from raysl.data.views import OneView, normalize
+from raysl.data.views import OneView, normalize, one_view_spec
 from raysl.eval.knn import split_knn
-from raysl.methods.base import BatchFn, Method, backbone_kwargs, method_config, register
+from raysl.methods.base import BatchFn, Method, backbone_kwargs, device_views_for, method_config, register
 from raysl.methods.momentum import ema_update, linear_tau, make_target
 from raysl.models.backbones import create_backbone
 from raysl.models.heads import JEPAPredictor
@@ -75,6 +75,7 @@ def gather_blocks(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 class IJEPA(Method):
     name = "ijepa"
     batch_columns = ("image",)
+    augments_on_device = True
     # The paper evaluates average-pooled patch features; fc_norm=False keeps timm's final LayerNorm on
     # every token (what the loss sees) instead of moving it after the pooling.
     encoder_defaults = {"global_pool": "avg", "fc_norm": False}
@@ -100,6 +101,8 @@ class IJEPA(Method):
         self.tau = m.momentum[0]
         self.export_encoder = m.export_encoder
         self.knn_k = cfg.eval.k  # the shared online kNN's k, so the two encoders' scores compare
+        self.device_views = device_views_for(cfg, one_view_spec(cfg.model.image_size, crop_scale=m.crop_scale,
+                                                                flip_p=m.flip_p))
 
     @classmethod
     def build(cls, cfg: PretrainConfig) -> IJEPA:
@@ -108,10 +111,12 @@ class IJEPA(Method):
     @classmethod
     def view_transform(cls, cfg: PretrainConfig) -> BatchFn:
         m = method_config(cfg, IJEPAConfig)
-        return OneView(cfg.model.image_size, cfg.data.max_image_pixels, crop_scale=m.crop_scale, flip_p=m.flip_p)
+        return OneView(cfg.model.image_size, cfg.data.max_image_pixels, crop_scale=m.crop_scale, flip_p=m.flip_p,
+                       on=cfg.data.augment_on, decode_side=cfg.data.gpu_decode_size)
 
     def collate(self, batch: dict[str, torch.Tensor], step: int, rank: int) -> dict[str, torch.Tensor]:
-        ctx, tgt = sample_masks(self.seed, rank, step, len(batch["image"]), self.grid, self.spec)
+        n = len(batch["image"] if "image" in batch else batch["decoded"])  # decoded: its views come on the device
+        ctx, tgt = sample_masks(self.seed, rank, step, n, self.grid, self.spec)
         return {**batch, "context_idx": torch.from_numpy(ctx), "target_idx": torch.from_numpy(tgt)}
 
     @torch.no_grad()

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from ray.train.torch import TorchTrainer
 
 from raysl import console, storage, tracking
 from raysl.config import PretrainConfig, flatten
+from raysl.data.sources import Listing
 from raysl.lock import LockHeld, RunLock
 from raysl.methods import get_method
 from raysl.storage import S3Settings, StorageError, redact
@@ -118,10 +120,20 @@ def _open_state(cfg: PretrainConfig, s3: S3Settings, name: str, resume: bool) ->
     return uri, state
 
 
-def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
-    """Train (or continue, or only register) the run this config names; one run of a config at a time."""
+def known_listing(listings: Sequence[Listing], uri: str | None, fmt: str = "auto") -> Listing | None:
+    """The caller's listing of `uri` (in format `fmt` unless that is "auto"), if it made one."""
+    return next((li for li in listings if li.uri == uri and fmt in ("auto", li.fmt)), None)
+
+
+def pretrain(cfg: PretrainConfig, *, resume: bool = False, listings: Sequence[Listing] = ()) -> PretrainResult:
+    """Train (or continue, or only register) the run this config names; one run of a config at a time.
+
+    The data is listed once, here (check_source), and that listing feeds the workers' file list; `listings`: ones
+    the caller made already (of data.uri or eval.uri), used instead of listing those URIs again."""
     s3 = S3Settings.resolve(cfg.s3.endpoint_url, cfg.s3.region)
-    get_method(cfg.method.name).check_source(cfg, s3)
+    get_method(cfg.method.name).check_config(cfg)
+    listing = get_method(cfg.method.name).check_source(cfg, s3, known_listing(listings, cfg.data.uri, cfg.data.format))
+    listings = [*listings, listing] if listing is not None else list(listings)
     name = run_name(cfg)
     lock_uri = f"{cfg.train.storage_path.rstrip('/')}/{name}/raysl-run.lock"
     try:
@@ -134,12 +146,13 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainResult:
         raise StorageError(f"train.storage_path {redact(cfg.train.storage_path)!r} is not writable: "
                            f"{redact(str(exc))[:300]}") from None
     try:
-        return _pretrain(cfg, s3, name, resume)
+        return _pretrain(cfg, s3, name, resume, listings)
     finally:
         lock.release()
 
 
-def _pretrain(cfg: PretrainConfig, s3: S3Settings, name: str, resume: bool) -> PretrainResult:
+def _pretrain(cfg: PretrainConfig, s3: S3Settings, name: str, resume: bool, listings: Sequence[Listing],
+              ) -> PretrainResult:
     t_start = time.monotonic()
     method_cls = get_method(cfg.method.name)
     state_at, state = _open_state(cfg, s3, name, resume)
@@ -160,7 +173,7 @@ def _pretrain(cfg: PretrainConfig, s3: S3Settings, name: str, resume: bool) -> P
         log.info("run %s finished training earlier; registering its checkpoint %s", name, state.checkpoint)
         ckpt = ray.train.Checkpoint(path=state.checkpoint, filesystem=fs)
     else:
-        ckpt, state.metrics = _train(cfg, s3, name, uri, state.mlflow_run_id, path, fs)
+        ckpt, state.metrics = _train(cfg, s3, name, uri, state.mlflow_run_id, path, fs, listings)
         state.trained, state.checkpoint = True, ckpt.path
         write_state(state_at, state, s3)
     version = _finish(cfg, uri, name, model_name, state, ckpt)
@@ -189,13 +202,15 @@ def _start_run(cfg: PretrainConfig, uri: str, name: str, previous: str | None) -
 
 
 def _train(cfg: PretrainConfig, s3: S3Settings, name: str, uri: str, run_id: str | None, path: str,
-           fs: Any) -> tuple[Any, dict[str, Any]]:
-    """Ray Train over this run's workers; (the final checkpoint, the last metrics)."""
+           fs: Any, listings: Sequence[Listing] = ()) -> tuple[Any, dict[str, Any]]:
+    """Ray Train over this run's workers; (the final checkpoint, the last metrics). `listings`: the data's (and
+    the caller's) listings, used instead of listing those URIs again."""
     method_cls = get_method(cfg.method.name)
     init_ray()
     tc = cfg.train
     check_fits(tc.num_workers, tc.cpus_per_worker, 1.0 if tc.use_gpu else 0.0, tc.placement_timeout_s)
-    files = method_cls.source_files(cfg, s3)
+    listing = known_listing(listings, cfg.data.uri, cfg.data.format)
+    files = method_cls.source_files(cfg, s3, listing)
     datasets: dict[str, Any] = {}
     files_ref = None
     if files is not None:  # each worker reads its own part of every epoch (raysl.train.stream)
@@ -203,7 +218,7 @@ def _train(cfg: PretrainConfig, s3: S3Settings, name: str, uri: str, run_id: str
         log.info("%d files; each of %d workers reads its part of a seeded order per epoch", len(files),
                  tc.num_workers)
     else:
-        ds, data_counts = method_cls.open_source(cfg, s3)
+        ds, data_counts = method_cls.open_source(cfg, s3, listing=listing)
         if run_id and data_counts:
             tracking.log_metrics(uri, run_id, {f"data_{k}": float(v) for k, v in data_counts.items()}, step=0)
         ds = ds.map_batches(method_cls.view_transform(cfg), batch_size=64, batch_format="numpy")
@@ -212,7 +227,8 @@ def _train(cfg: PretrainConfig, s3: S3Settings, name: str, uri: str, run_id: str
         datasets = {"train": ds}
     eval_ref = None
     if cfg.eval.uri:
-        eval_ref = ray.put(load_labeled(cfg.eval.uri, cfg, s3, cfg.eval.label_column, cfg.eval.max_samples))
+        eval_source = known_listing(listings, cfg.eval.uri) or cfg.eval.uri
+        eval_ref = ray.put(load_labeled(eval_source, cfg, s3, cfg.eval.label_column, cfg.eval.max_samples))
     init_ref = ray.put(read_model_state(tc.init_from, s3)) if tc.init_from else None
     forward_reports, fetch_reports = console.train_reports()  # progress lines come from the driver, not workers
     fatal_uri = f"{tc.storage_path.rstrip('/')}/{name}/{FATAL_FILE}"

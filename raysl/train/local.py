@@ -40,7 +40,9 @@ def pretrain_in_process(cfg: PretrainConfig, images: np.ndarray, *, sample_seed:
         idx = rng.choice(len(images), bs, replace=False)
         raw = view({"image": images[idx], "key": keys[idx],
                     **({"label": labels[idx]} if labels is not None else {})})
-        batch = method.collate({c: torch.from_numpy(raw[c]) for c in method_cls.batch_columns}, step, 0)
+        batch = method.collate({c: torch.from_numpy(v) for c, v in raw.items()
+                                if c != "valid" and v.dtype.kind in "biuf"}, step, 0)
+        batch = method.device_augment(batch)
         opt.zero_grad(set_to_none=True)
         out = method.forward_backward(method, batch)
         opt.step()

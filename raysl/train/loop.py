@@ -59,11 +59,11 @@ def _all_sum(values: list[float]) -> list[float]:
     return [float(x) for x in t.cpu()]
 
 
-def _valid_batch(batches: Iterator[dict[str, Any]], columns: tuple[str, ...],
-                 counters: dict[str, int]) -> tuple[dict[str, Any], list[str]]:
+def _valid_batch(batches: Iterator[dict[str, Any]], counters: dict[str, int]) -> tuple[dict[str, Any], list[str]]:
     """The next batch's decodable rows (at least two, for BatchNorm); the rows that are not are counted. A
     batch with fewer than two is counted and the next one drawn, so every rank still takes one step on images,
-    never on the zeros that stand in for undecodable rows."""
+    never on the zeros that stand in for undecodable rows. Every tensor column but `valid` is kept (the views,
+    or with `data.augment_on: gpu` the decoded images the device augments); strings (keys, labels) are not."""
     bad_keys: list[str] = []
     while True:
         raw = next(batches)
@@ -72,7 +72,7 @@ def _valid_batch(batches: Iterator[dict[str, Any]], columns: tuple[str, ...],
         counters["bad_images"] += int((~valid).sum())
         bad_keys = (bad_keys + [str(k) for k in np.asarray(raw["key"])[~valid.numpy()]])[-5:]
         if int(valid.sum()) >= 2:
-            batch = {c: raw[c][valid] for c in columns}
+            batch = {c: v[valid] for c, v in raw.items() if c != "valid" and isinstance(v, torch.Tensor)}
             batch["key"] = np.asarray(raw["key"])[valid.numpy()]
             return batch, bad_keys
 
@@ -196,14 +196,15 @@ def _loop(cfg: PretrainConfig, loop_cfg: dict[str, Any], rank: int, world: int, 
     bad_examples: list[str] = []
     for step in range(start + 1, tc.steps + 1):
         current[0] = step
-        batch, keys = _valid_batch(batches, method.batch_columns, counters)
+        batch, keys = _valid_batch(batches, counters)
         bad_examples = (bad_examples + keys)[-5:]
         trace(step, stream.position.epoch if stream else -1, batch.pop("key"), rank)
-        if tracker is not None and step == start + 1 and not resumed:  # once a run: what the views look like
-            first = {k: v[:8].clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            tracker.log_image(partial(batch_png, first, spec["mean"], spec["std"]), "augmentations/first_batch.png")
         batch = method.collate(batch, step, rank)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = method.device_augment(batch)
+        if tracker is not None and step == start + 1 and not resumed:  # once a run: what the views look like
+            first = {k: v[:8].detach().cpu().clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            tracker.log_image(partial(batch_png, first, spec["mean"], spec["std"]), "augmentations/first_batch.png")
         opt.zero_grad(set_to_none=True)
         guard.before_forward()
         with amp:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -130,11 +131,17 @@ def trace(step: int, epoch: int, keys: Any, rank: int) -> None:
 
 
 class NumpyCollate(NumpyBatchCollateFn):
-    """Numeric columns → tensors; string columns (keys, labels) stay as numpy for bookkeeping."""
+    """Numeric columns → tensors; string columns (keys, labels) stay as numpy for bookkeeping.
+
+    Ray hands out batches zero-copy from its object store, read-only; they become tensors without a copy (the
+    loop's valid-row selection and the move to the device copy them anyway, and nothing writes them in place),
+    so torch's warning about non-writable arrays is silenced here rather than paid for with a copy."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:  # type: ignore[override]
-        return {k: torch.from_numpy(np.ascontiguousarray(v)) if v.dtype.kind in "biuf" else v
-                for k, v in batch.items()}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return {k: torch.from_numpy(np.ascontiguousarray(v)) if v.dtype.kind in "biuf" else v
+                    for k, v in batch.items()}
 
 
 def batches_from_shard(shard: Any, batch_size: int, shuffle_buffer: int, seed: int) -> Iterator[dict[str, Any]]:

@@ -21,13 +21,13 @@ def batches(*valid: list[bool]) -> Iterator[dict[str, Any]]:
 
 def test_bad_rows_are_dropped_counted_and_named() -> None:
     counters = {"seen": 0, "bad_images": 0}
-    out, keys = _valid_batch(batches([True, False, True, False, True]), ("view1",), counters)
+    out, keys = _valid_batch(batches([True, False, True, False, True]), counters)
     assert counters == {"seen": 5, "bad_images": 2} and keys == ["k1", "k3"]
     assert out["view1"].flatten().tolist() == [0, 2, 4] and out["key"].tolist() == ["k0", "k2", "k4"]
 
 
 def test_a_batch_with_fewer_than_two_good_rows_is_replaced_by_the_next() -> None:
     counters = {"seen": 0, "bad_images": 0}
-    out, keys = _valid_batch(batches([True, False, False], [False, True, True]), ("view1",), counters)
+    out, keys = _valid_batch(batches([True, False, False], [False, True, True]), counters)
     assert out["view1"].flatten().tolist() == [4, 5]  # only images; no zero rows from the bad batch
     assert counters == {"seen": 6, "bad_images": 3} and keys == ["k1", "k2", "k3"]

@@ -1,4 +1,4 @@
-"""Peak memory and time of one decode task: a view's `__call__` on a batch of large JPEG photos.
+"""`raysl bench decode`: peak memory and time of one decode task: a view's `__call__` on a batch of large JPEG photos.
 
 Each measurement runs in a fresh spawned process. Its peak RSS is the kernel's high-water mark (VmHWM), reset
 just before the call (`/proc/self/clear_refs`), so `peak_mb - baseline_mb` is what the call added on top of the
@@ -11,10 +11,10 @@ fork and exec: a child spawned by a process that once held 1 GB starts with 1 GB
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import logging
 import multiprocessing as mp
-import resource
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -25,12 +25,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from raysl.bench.common import maxrss_mib, reset_peak, status_mib
+
 log = logging.getLogger(__name__)
 VIEWS = ("byol", "eval")
 MAX_PIXELS = 40_000_000  # raysl.config.MAX_IMAGE_PIXELS; a copy, so an older views.py needs no newer config
 
 
-def make_photos(folder: Path, n: int, width: int = 6000, height: int = 4000, quality: int = 90) -> list[Path]:
+def _make_photos(folder: Path, n: int, width: int = 6000, height: int = 4000, quality: int = 90) -> list[Path]:
     """n photo-like JPEGs (a smooth colour gradient plus mild noise; pure noise would compress unlike any photo),
     written once and reused: 24 MP takes ~1 s each to make."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -73,26 +75,6 @@ def _transform(views: ModuleType, view: str, image_size: int) -> Any:
                           jitter_p=0.8, gray_p=0.2, blur_p=(1.0, 0.1), solarize_p=(0.0, 0.2))
 
 
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024  # kB
-    raise KeyError(field)
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS ("5" to clear_refs, Linux ≥ 4.0); False where that is not allowed."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def _measure(paths: list[str], view: str, image_size: int, views_file: str | None) -> dict[str, Any]:
     """In the child: build the view, warm it up on one image, load the batch's bytes, then one timed call."""
     import torch
@@ -106,12 +88,12 @@ def _measure(paths: list[str], view: str, image_size: int, views_file: str | Non
         transform({"image": np.array([buf.read()], dtype=object), "key": np.array(["warm-up"])})
     batch = {"image": np.array([Path(p).read_bytes() for p in paths] + [b""], dtype=object),
              "key": np.array([Path(p).name for p in paths] + ["empty"])}
-    reset = _reset_peak()  # where it cannot be reset, the best there is: the lifetime high-water mark so far
-    baseline = _status_mb("VmRSS") if reset else _maxrss_mb()
+    reset = reset_peak()  # where it cannot be reset, the best there is: the lifetime high-water mark so far
+    baseline = status_mib("VmRSS") if reset else maxrss_mib()
     start = time.perf_counter()
     out = transform(batch)
     seconds = time.perf_counter() - start
-    peak = _status_mb("VmHWM") if reset else _maxrss_mb()
+    peak = status_mib("VmHWM") if reset else maxrss_mib()
     n = len(paths)
     assert out["valid"][:n].all() and not out["valid"][n], "every photo decodes and the empty one is counted"
     return {"baseline_mb": round(baseline), "peak_mb": round(peak), "added_mb": round(peak - baseline),
@@ -119,7 +101,7 @@ def _measure(paths: list[str], view: str, image_size: int, views_file: str | Non
             "peak_reset": reset, "seconds": round(seconds, 2), "ms_per_image": round(seconds / n * 1000, 1)}
 
 
-def decode_memory(view: str = "byol", n_images: int = 256, *, image_size: int = 224, width: int = 6000,
+def _decode_memory(view: str = "byol", n_images: int = 256, *, image_size: int = 224, width: int = 6000,
                   height: int = 4000, quality: int = 90, photo_dir: str | None = None,
                   views_file: str | None = None) -> dict[str, Any]:
     """Peak RSS (MiB) and time of one `view` call ("byol": TwoViews, "eval": EvalView) on `n_images`
@@ -132,7 +114,7 @@ def decode_memory(view: str = "byol", n_images: int = 256, *, image_size: int = 
         raise ValueError(f"view: {view!r} is not one of {VIEWS}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(photo_dir or tmp)
-        paths = [str(p) for p in make_photos(folder, n_images, width, height, quality)]
+        paths = [str(p) for p in _make_photos(folder, n_images, width, height, quality)]
         jpeg_mb = sum(Path(p).stat().st_size for p in paths) / 2**20
         # spawn, not fork: a fresh interpreter, nothing of this process's memory; an executor, not a Pool,
         # so a child killed for memory raises (BrokenProcessPool) instead of being replaced and waited on forever
@@ -143,3 +125,21 @@ def decode_memory(view: str = "byol", n_images: int = 256, *, image_size: int = 
               "views_file": views_file or "raysl.data.views", **result}
     log.info("decode memory: %s", result)
     return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--view", default="byol", choices=VIEWS, help="the transform measured: byol (TwoViews) "
+                                                                      "or eval (EvalView)")
+    parser.add_argument("--images", type=int, default=256, help="photos in the one decoded batch")
+    parser.add_argument("--image-size", type=int, default=224, help="output side")
+    parser.add_argument("--photo-dir", help="keep the generated 6000×4000 photos here (made once)")
+    parser.add_argument("--before", help="also measure this copy of views.py (git show REV:raysl/data/views.py)")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """`after`: raysl.data.views; with --before, `before`: that other views.py, in the same run."""
+    runs = {"after": _decode_memory(args.view, args.images, image_size=args.image_size, photo_dir=args.photo_dir)}
+    if args.before:
+        runs["before"] = _decode_memory(args.view, args.images, image_size=args.image_size,
+                                        photo_dir=args.photo_dir, views_file=args.before)
+    return runs
