@@ -184,6 +184,10 @@ def test_reduced_size_decode_matches_full_decode_then_resize() -> None:
     assert diff.mean() < 1.5 and math.isfinite(diff.max())
 
 
+BYOL_TINY = {"projector_hidden": 64, "predictor_hidden": 64, "projector_dim": 32}
+IJEPA_TINY = {"predictor_depth": 1, "predictor_width": 48, "predictor_heads": 3}
+
+
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("method", ["byol", "ijepa"])
 def test_augment_on_gpu_trains_through_device_augment(method: str) -> None:
@@ -196,8 +200,7 @@ def test_augment_on_gpu_trains_through_device_augment(method: str) -> None:
     tree = {"data": {"uri": "x", "augment_on": "gpu", "gpu_decode_size": 48},
             "model": {"backbone": "resnet18" if method == "byol" else "vit_tiny_patch16_224", "image_size": 32,
                       **({"patch_size": 8} if method == "ijepa" else {})},
-            "method": {"name": method, **({"projector_hidden": 64, "predictor_hidden": 64, "projector_dim": 32}
-                                          if method == "byol" else {"predictor_depth": 1, "predictor_width": 48, "predictor_heads": 3})},
+            "method": {"name": method, **(BYOL_TINY if method == "byol" else IJEPA_TINY)},
             "train": {"steps": 2, "batch_size": 8}}
     cfg = parse_config(tree)
     cls = get_method(method)
