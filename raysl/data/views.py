@@ -95,6 +95,16 @@ def _to_chw_uint8(img: Image.Image | torch.Tensor) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
 
 
+def _finish(out: dict[str, np.ndarray], valid: np.ndarray, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A transform's outputs plus `valid`, `key` and the label/caption columns passed through."""
+    out["valid"] = valid
+    out["key"] = np.asarray(batch["key"])
+    for passthrough in ("label", "caption"):
+        if passthrough in batch:
+            out[passthrough] = np.asarray(batch[passthrough])
+    return out
+
+
 class _Transform:
     """Shared set-up: one torch thread per decode task, so Ray Data tasks do not oversubscribe cores.
 
@@ -125,12 +135,7 @@ class _Transform:
             for name, pipe in outputs.items():
                 out[name][i] = _to_chw_uint8(pipe(im))
             del im  # released before the next one is decoded
-        out["valid"] = valid
-        out["key"] = np.asarray(batch["key"])
-        for passthrough in ("label", "caption"):
-            if passthrough in batch:
-                out[passthrough] = np.asarray(batch[passthrough])
-        return out
+        return _finish(out, valid, batch)
 
 
 def _chw(img: Image.Image) -> np.ndarray:
@@ -185,12 +190,7 @@ class CropViews(_Transform):
             for name, spec in self.specs.items():
                 views = torch.from_numpy(out[name])
                 views[rows] = augment_uint8(views[rows], spec, self.rng)
-        out["valid"] = valid
-        out["key"] = np.asarray(batch["key"])
-        for passthrough in ("label", "caption"):
-            if passthrough in batch:
-                out[passthrough] = np.asarray(batch[passthrough])
-        return out
+        return _finish(out, valid, batch)
 
 
 def two_view_specs(image_size: int, *, crop_scale: tuple[float, float], flip_p: float,
