@@ -75,14 +75,19 @@ class Listing:
 def list_source(uri: str, fmt: str = "auto", s3: S3Settings | None = None) -> Listing:
     """List `uri` once: its format (detected from the files when `fmt` is "auto") and that format's files. Fails,
     naming the URI (redacted), when it matches nothing or holds no files of the format."""
-    files = list_files(uri, s3)
+    fmt, selected = _pick(list_files(uri, s3), fmt, uri)
+    return Listing(uri, fmt, tuple(selected))
+
+
+def _pick(files: list[str], fmt: str, uri: str) -> tuple[str, list[str]]:
+    """(format, its files among `files`): the format detected when "auto"; fails naming the URI when none fit."""
     fmt = detect_format(files) if fmt == "auto" else fmt
     if fmt not in FORMATS:
         raise ValueError(f"data.format: {fmt!r} is not one of {FORMATS}")
     selected = _select(files, fmt)
     if not selected:
         raise StorageError(f"data URI {redact(uri)!r} holds no {fmt} files")
-    return Listing(uri, fmt, tuple(selected))
+    return fmt, selected
 
 
 def _listing(source: str | Listing, fmt: str, s3: S3Settings | None) -> Listing:
@@ -261,14 +266,7 @@ def read_images(
     if files is not None:  # a training worker's part of an epoch: exactly those, in that order; uri names the store
         uri = source.uri if isinstance(source, Listing) else source
         fmt = source.fmt if isinstance(source, Listing) else fmt
-        files = _given(files, uri)
-        if fmt == "auto":
-            fmt = detect_format(files)
-        if fmt not in FORMATS:
-            raise ValueError(f"data.format: {fmt!r} is not one of {FORMATS}")
-        files = _select(files, fmt)
-        if not files:
-            raise StorageError(f"data URI {redact(uri)!r} holds no {fmt} files")
+        fmt, files = _pick(_given(files, uri), fmt, uri)
     else:
         listing = _listing(source, fmt, s3)
         uri, fmt, files, schemas = listing.uri, listing.fmt, list(listing.files), listing.schemas

@@ -131,8 +131,9 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, listings: Sequence[Li
     The data is listed once, here (check_source), and that listing feeds the workers' file list; `listings`: ones
     the caller made already (of data.uri or eval.uri), used instead of listing those URIs again."""
     s3 = S3Settings.resolve(cfg.s3.endpoint_url, cfg.s3.region)
-    get_method(cfg.method.name).check_config(cfg)
-    listing = get_method(cfg.method.name).check_source(cfg, s3, known_listing(listings, cfg.data.uri, cfg.data.format))
+    method_cls = get_method(cfg.method.name)
+    method_cls.check_config(cfg)
+    listing = method_cls.check_source(cfg, s3, known_listing(listings, cfg.data.uri, cfg.data.format))
     listings = [*listings, listing] if listing is not None else list(listings)
     name = run_name(cfg)
     lock_uri = f"{cfg.train.storage_path.rstrip('/')}/{name}/raysl-run.lock"
