@@ -208,7 +208,7 @@ class Bench:
 
     def e2e(self, name: str, mode: str) -> dict[str, Any]:
         from raysl.data.sources import data_files
-        from raysl.train.stream import WorkerStream, epoch_reader
+        from raysl.train.stream import WorkerStream, epoch_reader, valid_rows
 
         self._reset_memory()
         batch_size = self.batch[name]
@@ -227,9 +227,8 @@ class Bench:
                 tw = time.perf_counter()
                 raw = next(stream)
                 wait += time.perf_counter() - tw
-                valid = raw["valid"].bool()  # as the loop: valid rows of every tensor column (strings stay behind)
-                batch = {c: v[valid] for c, v in raw.items() if c != "valid" and isinstance(v, torch.Tensor)}
-                batch = method.collate(batch, s, 0)
+                valid = raw["valid"].bool()
+                batch = method.collate(valid_rows(raw, valid), s, 0)  # the rows the loop would train on
                 batch = method.device_augment(to_device(batch, self.device))
                 st.step(batch, s, total)
                 samples += int(valid.sum())

@@ -36,7 +36,7 @@ from raysl.train.loop import FATAL_FILE, train_loop_per_worker
 from raysl.train.register import RegistrationError, register_checkpoint
 from raysl.train.resources import check_fits
 from raysl.train.run_state import RunState, read_state, state_uri, write_state
-from raysl.train.stream import TRACE_ENV, quiet_data
+from raysl.train.stream import TRACE_ENV, data_defaults
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     Locally, logical CPUs are doubled: training workers and Ray Data decode tasks share the cores, and
     with only physical CPUs the data tasks can be starved for ever.
     """
-    quiet_data()
+    data_defaults()
     if ray.is_initialized():
         return
     console.quiet_ray()

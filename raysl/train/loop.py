@@ -36,7 +36,15 @@ from raysl.train.checkpoint import load_checkpoint, restore_state, save_checkpoi
 from raysl.train.online_eval import OnlineKNN
 from raysl.train.optim import apply_weight_decay, build_optimizer, build_scheduler, weight_decay_at
 from raysl.train.step_guard import StepGuard
-from raysl.train.stream import TRACE_ENV, WorkerStream, batches_from_shard, epoch_reader, restore_position, trace
+from raysl.train.stream import (
+    TRACE_ENV,
+    WorkerStream,
+    batches_from_shard,
+    epoch_reader,
+    restore_position,
+    trace,
+    valid_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +80,7 @@ def _valid_batch(batches: Iterator[dict[str, Any]], counters: dict[str, int]) ->
         counters["bad_images"] += int((~valid).sum())
         bad_keys = (bad_keys + [str(k) for k in np.asarray(raw["key"])[~valid.numpy()]])[-5:]
         if int(valid.sum()) >= 2:
-            batch = {c: v[valid] for c, v in raw.items() if c != "valid" and isinstance(v, torch.Tensor)}
+            batch: dict[str, Any] = valid_rows(raw, valid)
             batch["key"] = np.asarray(raw["key"])[valid.numpy()]
             return batch, bad_keys
 

@@ -144,6 +144,12 @@ class NumpyCollate(NumpyBatchCollateFn):
                     for k, v in batch.items()}
 
 
+def valid_rows(raw: dict[str, Any], valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The rows `valid` keeps of every tensor column but `valid`: what a method is handed (the views, or with
+    `data.augment_on: gpu` the decoded images the device augments); string columns (keys, labels) stay behind."""
+    return {c: v[valid] for c, v in raw.items() if c != "valid" and isinstance(v, torch.Tensor)}
+
+
 def batches_from_shard(shard: Any, batch_size: int, shuffle_buffer: int, seed: int) -> Iterator[dict[str, Any]]:
     epoch = 0
     while True:
@@ -173,6 +179,43 @@ def quiet_data() -> None:
     ctx.print_on_execution_start = False
 
 
+LIMITS_REFRESH_S = 0.05  # how often an execution re-reads the resources it may use (Ray's default: 1 s)
+
+
+def data_defaults() -> None:
+    """raysl's Ray Data settings, in each process that runs executions (the driver, each training worker); set
+    before its datasets are made."""
+    quiet_data()
+    prompt_limits()
+
+
+def prompt_limits() -> None:
+    """Ray Data sizes an execution by the resources its autoscaling coordinator reserves for it, fetched without
+    blocking and re-read at most once a second (`ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S`, Ray 2.60). Until
+    the first answer is re-read the limits are zero, and an operator with zero budget runs one task at a time: the
+    first second of every execution ran on one CPU. A training worker's epoch is an execution of a few seconds, so
+    that second cost 11–30% of each epoch (measured in the issue 12 note). Re-read every 50 ms instead; the read is
+    a cached, non-blocking call. Where a later Ray drops the setting, nothing is changed."""
+    try:
+        from ray.data._internal.execution.resource_manager import ResourceManager
+    except ImportError:  # pragma: no cover - a Ray without this module
+        return
+    if getattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", 0) > LIMITS_REFRESH_S:
+        ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = LIMITS_REFRESH_S  # type: ignore[assignment]  # Ray: int
+
+
+class Slices:
+    """A batch transform applied to a whole block `rows` rows at a time, each result yielded as it is made."""
+
+    def __init__(self, transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], rows: int) -> None:
+        self.transform, self.rows = transform, rows
+
+    def __call__(self, block: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        n = len(next(iter(block.values()))) if block else 0
+        for i in range(0, n, self.rows):
+            yield self.transform({k: v[i:i + self.rows] for k, v in block.items()})
+
+
 def epoch_reader(cfg: PretrainConfig, batch_size: int, rank: int, world: int
                   ) -> Callable[[list[str], int], Iterator[dict[str, Any]]]:
     """`(files, epoch) → batches`: this worker's own Ray Data stream over `files`, order preserved and the local
@@ -182,13 +225,14 @@ def epoch_reader(cfg: PretrainConfig, batch_size: int, rank: int, world: int
 
     method_cls = get_method(cfg.method.name)
     s3 = S3Settings.resolve(cfg.s3.endpoint_url, cfg.s3.region)
-    quiet_data()  # in this worker's process: its epoch datasets are made here
+    data_defaults()  # in this worker's process: its epoch datasets are made here
     if cfg.data.limit:  # data.limit is for the whole run: each worker reads its part of it
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"limit": -(-cfg.data.limit // world)})})
 
     def open_epoch(files: list[str], epoch: int) -> Iterator[dict[str, Any]]:
         ds, _ = method_cls.open_source(cfg, s3, files=files)
-        ds = ds.map_batches(method_cls.view_transform(cfg), batch_size=64, batch_format="numpy")
+        # whole blocks in, 64 rows at a time inside: a batch size here would stop it fusing with the read
+        ds = ds.map_batches(Slices(method_cls.view_transform(cfg), 64), batch_size=None, batch_format="numpy")
         ds.context.execution_options.preserve_order = True
         return iter(ds.iter_torch_batches(
             batch_size=batch_size, drop_last=True, collate_fn=NumpyCollate(), prefetch_batches=2,

@@ -68,3 +68,22 @@ def test_other_world_size_restarts_the_epoch_and_empty_data_fails() -> None:
     assert restore_position([], 0, 2) == Position()
     with pytest.raises(RuntimeError, match="smaller than train.batch_size"):
         next(WorkerStream(reader(per_batch=20), FILES, seed=0, rank=0, world=1))
+
+
+def test_slices_apply_a_transform_to_a_whole_block_in_pieces() -> None:
+    import numpy as np
+
+    from raysl.train.stream import Slices
+
+    sizes: list[int] = []
+
+    def double(batch: dict[str, Any]) -> dict[str, Any]:
+        sizes.append(len(batch["x"]))
+        return {"y": batch["x"] * 2, "key": batch["key"]}
+
+    block = {"x": np.arange(10), "key": np.array([f"k{i}" for i in range(10)])}
+    parts = list(Slices(double, 4)(block))
+    assert sizes == [4, 4, 2]
+    assert np.concatenate([p["y"] for p in parts]).tolist() == [2 * i for i in range(10)]
+    assert np.concatenate([p["key"] for p in parts]).tolist() == block["key"].tolist()
+    assert list(Slices(double, 4)({})) == []
