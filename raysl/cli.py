@@ -102,14 +102,33 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from raysl.data.shard import claim_destination, shard
+    from raysl.data.shard import claim_destination, shard, shard_clips
     from raysl.train.launch import init_ray
 
+    if args.clips and args.format not in (None, "parquet"):
+        raise ValueError("--clips writes Parquet clip shards only: drop --format or use --format parquet")
+    if not args.clips and args.format is None:
+        raise ValueError("--format is required: webdataset or parquet")
+    clip_flags = [f for f in ("frames_per_clip", "frame_stride", "clip_every", "frame_side")
+                  if getattr(args, f) is not None]
+    if clip_flags and not args.clips:
+        raise ValueError(f"--{clip_flags[0].replace('_', '-')} applies to --clips only")
     # checked here too, before Ray starts, so a refusal takes a moment, not a cluster start
     claim_destination(args.dst, args.overwrite, keep=(args.src,) + ((args.captions,) if args.captions else ()))
     init_ray()
-    manifest = shard(args.src, args.dst, args.format, rows_per_shard=args.rows_per_shard, captions=args.captions,
-                     overwrite=args.overwrite)
+    if args.clips:
+        from raysl.config import DataConfig
+
+        fields = DataConfig.model_fields  # the training defaults, so shards cut with no flags match a default run
+        manifest = shard_clips(args.src, args.dst,
+                               frames_per_clip=args.frames_per_clip or fields["frames_per_clip"].default,
+                               frame_stride=args.frame_stride or fields["frame_stride"].default,
+                               clip_every=args.clip_every,
+                               frame_side=args.frame_side or 448, rows_per_shard=args.rows_per_shard or 256,
+                               overwrite=args.overwrite)
+    else:
+        manifest = shard(args.src, args.dst, args.format, rows_per_shard=args.rows_per_shard or 1000,
+                         captions=args.captions, overwrite=args.overwrite)
     print(json.dumps({k: v for k, v in manifest.items() if k != "shards"} | {"shards": len(manifest["shards"])},
                      indent=2))
     return 0
@@ -196,20 +215,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_embed)
 
     d = sub.add_parser("data", help="data tools").add_subparsers(dest="data_cmd", required=True)
-    s = d.add_parser("shard", help="image folder → WebDataset or Parquet shards with a manifest")
+    s = d.add_parser("shard", help="image folder → WebDataset or Parquet shards with a manifest; with --clips, "
+                                   "videos → Parquet clip shards (JPEG frames)")
     s.add_argument("src")
     s.add_argument("dst")
-    s.add_argument("--format", required=True, choices=["webdataset", "parquet"])
-    s.add_argument("--rows-per-shard", type=int, default=1000)
+    s.add_argument("--format", choices=["webdataset", "parquet"], help="required for images; --clips: parquet")
+    s.add_argument("--rows-per-shard", type=int, help="default: 1000 images, 256 clips")
+    s.add_argument("--clips", action="store_true", help="SRC holds videos: write one row per clip")
+    s.add_argument("--frames-per-clip", type=int, help="--clips: frames in a clip (default 8)")
+    s.add_argument("--frame-stride", type=int, help="--clips: frames between a clip's frames (default 60)")
+    s.add_argument("--clip-every", type=int, help="--clips: frames between clip starts (default: --frame-stride)")
+    s.add_argument("--frame-side", type=int, help="--clips: the frames' short side in pixels (default 448: "
+                                                  "data.frame_side's default for a 224-pixel model)")
     s.add_argument("--captions", help="CSV (file,caption) or JSONL captions file: build image-text shards")
     s.add_argument("--overwrite", action="store_true", help="delete what DST holds first (default: refuse a "
                                                             "non-empty DST)")
     s.set_defaults(fn=cmd_shard)
 
-    s = sub.add_parser("demo", help="digits → BYOL|I-JEPA, or scenes → CLIP; → MLflow → probe")
+    s = sub.add_parser("demo", help="digits → BYOL|I-JEPA|DINO, scenes → CLIP or a generated video → "
+                       "DoRA; → MLflow → probe (DoRA: tracking)")
     s.add_argument("--workdir", default="demo-output")
-    s.add_argument("--steps", type=int, default=None, help="default: 100 (byol, clip), 250 (ijepa)")
-    s.add_argument("--method", default="byol", choices=["byol", "ijepa", "clip"])
+    s.add_argument("--steps", type=int, default=None, help="default: 100 (byol, clip, dino), 250 (ijepa), 60 (dora)")
+    s.add_argument("--method", default="byol", choices=["byol", "ijepa", "clip", "dino", "dora"])
     s.add_argument("--downstream", action="store_true", help="then fine-tune the encoder (10%% of the labels) "
                    "and train a detector on generated scenes, each pretrained vs random init")
     s.set_defaults(fn=cmd_demo)

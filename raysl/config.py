@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from raysl.config_base import ConfigError, Strict
+from raysl.config_ssl import DINOConfig, DoRAConfig
 from raysl.config_tasks import ClassifyConfig, DetectConfig
 
 MAX_IMAGE_PIXELS = 40_000_000  # decompression-bomb guard shared by training, probing, embedding and sharding
@@ -20,8 +21,9 @@ _SECRET_KEY = re.compile(r"(secret|password|token|credential|access_key|session_
 
 
 class DataConfig(Strict):
-    uri: str = Field(description="Image folder, WebDataset shards or Parquet; local path or s3://bucket/prefix")
-    format: Literal["auto", "images", "webdataset", "parquet"] = "auto"
+    uri: str = Field(description="Image folder, WebDataset shards, Parquet or video files; local path or "
+                               "s3://bucket/prefix")
+    format: Literal["auto", "images", "webdataset", "parquet", "video"] = "auto"
     image_column: str = "image"
     label_column: str | None = None
     caption_column: str = Field("caption", description="image-text data: the Parquet column or the "
@@ -36,6 +38,11 @@ class DataConfig(Strict):
     augment_on: Literal["cpu", "gpu"] = Field("cpu", description="where the method's augmentations run: cpu (Ray "
                                               "Data CPU workers) or gpu (Ray Data only decodes to uint8 at a "
                                               "bounded size; the training worker augments the batch on its device)")
+    frames_per_clip: int = Field(8, ge=1, description="video: frames in a clip (DoRA: 8)")
+    frame_stride: int = Field(60, ge=1, description="video: frames between a clip's frames (DoRA: 60, 1 s at 60 fps)")
+    clip_every: int | None = Field(None, ge=1, description="video: frames between clip starts; unset: frame_stride")
+    frame_side: int | None = Field(None, ge=8, description="video: frames are decoded with this short side (long "
+                                   "videos are 4K); unset: 2 × model.image_size")
     gpu_decode_size: int | None = Field(None, ge=8, description="augment_on=gpu: the side each image is resized to "
                                         "(whole) before it is sent to the device; default 2 × model.image_size")
 
@@ -126,7 +133,8 @@ class CLIPConfig(Strict):
     flip_p: float = 0.0
 
 
-MethodConfig = Annotated[Union[BYOLConfig, IJEPAConfig, CLIPConfig, ClassifyConfig, DetectConfig],  # noqa: UP007
+MethodConfig = Annotated[Union[BYOLConfig, IJEPAConfig, CLIPConfig, DINOConfig, DoRAConfig,  # noqa: UP007
+                               ClassifyConfig, DetectConfig],
                          Field(discriminator="name")]
 
 

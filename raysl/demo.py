@@ -89,14 +89,25 @@ _DEMO_METHODS: dict[str, dict[str, Any]] = {
 }
 
 
-DEMO_STEPS = {"byol": 100, "ijepa": 250, "clip": 100}
+_DEMO_METHODS["dino"] = {  # the I-JEPA demo's narrow ViT; 2 local crops of 16 px beside the 32-px globals
+    "model": _DEMO_METHODS["ijepa"]["model"],
+    "method": {"name": "dino", "out_dim": 1024, "hidden_dim": 256, "bottleneck_dim": 64, "local_crops": 2,
+               "local_size": 16, "flip_p": 0.0},
+    "optim": {"name": "adamw", "lr": 5e-4, "scale_lr": False, "weight_decay": 0.04, "weight_decay_end": 0.4,
+              "warmup_steps": 10},
+}
+
+DEMO_STEPS = {"byol": 100, "ijepa": 250, "clip": 100, "dino": 100, "dora": 60}
 
 
 def demo_config(data: dict[str, Path], workdir: Path, steps: int, method: str = "byol") -> dict[str, Any]:
-    if method not in _DEMO_METHODS:
-        raise ValueError(f"--method: {method!r} is not one of {sorted(_DEMO_METHODS)}")
+    from raysl.demo_video import DORA_DEMO
+
+    methods = {**_DEMO_METHODS, "dora": DORA_DEMO}
+    if method not in methods:
+        raise ValueError(f"--method: {method!r} is not one of {sorted(methods)}")
     return {
-        **_DEMO_METHODS[method],
+        **methods[method],
         "data": {"uri": str(data["train"])},
         "train": {"steps": steps, "batch_size": 128, "num_workers": 2, "checkpoint_every": 50, "log_every": 10,
                   "storage_path": str(workdir / "checkpoints"), "run_name": f"demo-{method}-{steps}",
@@ -141,13 +152,20 @@ def run_demo(workdir: Path, steps: int | None = None, method: str = "byol", down
     workdir = workdir.absolute()
     steps = steps or DEMO_STEPS.get(method, 100)
     t0 = time.perf_counter()
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}"
+    if method == "dora":
+        from raysl.demo_video import run_dora_demo
+
+        tree = demo_config({"train": workdir, "test": workdir}, workdir, steps, method)
+        tree["tracking"]["tracking_uri"] = uri
+        tree["train"]["batch_size"] = 16
+        return run_dora_demo(workdir, steps, tree, uri)
     if method == "clip":
         from raysl.data.synthetic import write_scenes
 
         data = write_scenes(workdir / "scenes")
     else:
         data = write_digits(workdir / "digits")
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}"
     tree = demo_config(data, workdir, steps, method)
     tree["tracking"]["tracking_uri"] = uri
     cfg = parse_config(tree)

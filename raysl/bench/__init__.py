@@ -22,6 +22,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {  # name → (module, one-line help)
     "ijepa-context": ("raysl.bench.ijepa_context", "I-JEPA context encoder on the visible patches vs the full "
                                                    "image"),
     "decode": ("raysl.bench.decode", "peak memory and time of one decode task on large photos"),
+    "video": ("raysl.bench.video", "video decode to clips, frames/s per core: PyAV (raysl.data.video) vs "
+                                   "decord, local and S3, 320×240 and 1280×720, stride 4 and 30"),
     "gpu": ("raysl.bench.gpu", "the pretraining models on one accelerator: synthetic and end-to-end samples/s, "
                                "MFU, data.augment_on cpu vs gpu"),
 }

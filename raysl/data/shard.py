@@ -7,6 +7,10 @@ captions file (CSV with `file,caption` columns, or JSONL of {"file": …, "capti
 SRC or a bare file name) the shards are image-text data: a `txt` member / `caption` column. An image
 without a caption, or with an empty one, is skipped and counted like an undecodable one.
 
+With `--clips` the source is a folder of videos and the shards hold clips (raysl.data.video): one Parquet row
+per clip, "frames" a list of JPEG bytes (one per frame, decoded at the clip's frame size) and "key"
+(`<video path relative to SRC>#<start frame>`); clips with a frame that does not decode are skipped and counted.
+
 A destination that already holds objects is refused (a rerun would add a second copy of every sample, and the
 manifest would count only the new one) unless `overwrite`, which empties it first.
 """
@@ -28,6 +32,8 @@ import ray
 
 from raysl import storage
 from raysl.config import MAX_IMAGE_PIXELS
+from raysl.data.clip_shards import EncodeClips
+from raysl.data.ledger import Ledger
 from raysl.data.sources import read_images
 from raysl.data.views import BadImage, decode_image
 from raysl.storage import S3Settings, redact
@@ -35,26 +41,6 @@ from raysl.storage import S3Settings, redact
 log = logging.getLogger(__name__)
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "PPM": "ppm"}
 SHARD_FORMATS = ("webdataset", "parquet")
-
-
-@ray.remote(num_cpus=0)
-class Ledger:
-    """Tallies what the shard tasks kept and skipped."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.bytes = 0
-        self.bad = 0
-        self.examples: list[str] = []
-
-    def add(self, count: int, nbytes: int, bad: list[str]) -> None:
-        self.count += count
-        self.bytes += nbytes
-        self.bad += len(bad)
-        self.examples = (self.examples + bad)[:20]
-
-    def summary(self) -> dict[str, Any]:
-        return {"count": self.count, "bytes": self.bytes, "bad": self.bad, "bad_examples": self.examples}
 
 
 def sample_key(rel: str) -> str:
@@ -202,4 +188,36 @@ def shard(src: str, dst: str, fmt: str, *, rows_per_shard: int = 1000, max_pixel
     storage.write_bytes(f"{dst.rstrip('/')}/manifest.json", json.dumps(manifest, indent=2).encode(), s3)
     log.info("sharded %d images (%d bad) from %s into %d %s shard(s) at %s", manifest["count"],
              manifest["bad"], redact(src), len(shards), fmt, redact(dst))
+    return manifest
+
+
+def shard_clips(src: str, dst: str, *, frames_per_clip: int, frame_stride: int, clip_every: int | None,
+                frame_side: int, rows_per_shard: int = 256, s3: S3Settings | None = None,
+                overwrite: bool = False) -> dict[str, Any]:
+    """Cut the videos under `src` into clips and write them to `dst` (empty, or emptied with `overwrite`) as
+    Parquet clip shards that raysl.data.video.read_clip_shards reads."""
+    from raysl.data.sources import list_source
+    from raysl.data.video import plan_clips, read_clips
+
+    s3 = s3 or S3Settings.resolve()
+    claim_destination(dst, overwrite, s3, keep=(src,))
+    listing = list_source(src, "video", s3)
+    every = clip_every or frame_stride
+    ids = plan_clips(list(listing.files), src, s3, frames_per_clip, frame_stride, every)
+    _, src_path = storage.resolve(src, s3)
+    ledger = Ledger.remote()  # type: ignore[attr-defined]
+    ds = read_clips(ids, src, s3, frames_per_clip, frame_stride, frame_side)
+    ds = ds.map_batches(EncodeClips(src_path, ledger), batch_size=None, batch_format="numpy")
+    fs, dst_path = storage.resolve(dst, s3)
+    if not storage.is_s3(dst):
+        os.makedirs(dst_path, exist_ok=True)
+    ds.write_parquet(dst_path, filesystem=fs, min_rows_per_file=rows_per_shard)
+    manifest = dict(ray.get(ledger.summary.remote()))
+    shards = sorted(os.path.basename(f) for f in storage.list_files(dst, s3) if not f.endswith("manifest.json"))
+    manifest.update(format="parquet", source=redact(src), videos=len(listing.files), planned_clips=len(ids),
+                    clips={"frames_per_clip": frames_per_clip, "frame_stride": frame_stride, "clip_every": every,
+                           "frame_side": frame_side}, shards=shards)
+    storage.write_bytes(f"{dst.rstrip('/')}/manifest.json", json.dumps(manifest, indent=2).encode(), s3)
+    log.info("sharded %d clips (%d bad) of %d video(s) from %s into %d Parquet shard(s) at %s", manifest["count"],
+             manifest["bad"], len(listing.files), redact(src), len(shards), redact(dst))
     return manifest

@@ -1,6 +1,7 @@
 """Readers: a URI (local or s3://) → a ray.data.Dataset with an `image` bytes column and a `key`.
 
-Image folders, WebDataset tar shards and Parquet (image bytes, or a HF-style {bytes, path} struct).
+Image folders, WebDataset tar shards and Parquet (image bytes, or a HF-style {bytes, path} struct). Video files
+are listed here too (format "video"); raysl.data.video reads them as clips.
 Labels, when asked for, come from the class sub-folder, a WebDataset `cls` member or a Parquet column.
 Captions (image-text data) come from a WebDataset `txt` member or a field of its `json` member, or a
 Parquet column; a missing caption becomes '' and is counted as a bad sample downstream.
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")
-FORMATS = ("images", "webdataset", "parquet")
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi")
+FORMATS = ("images", "webdataset", "parquet", "video")
 
 
 def detect_format(files: list[str]) -> str:
@@ -46,11 +48,13 @@ def detect_format(files: list[str]) -> str:
         return "webdataset"
     if any(f.endswith(IMAGE_SUFFIXES) for f in low):
         return "images"
+    if any(f.endswith(VIDEO_SUFFIXES) for f in low):  # beside the videos: masks, subtitles… are not data
+        return "video"
     raise StorageError(f"cannot tell the data format of {files[0]!r}…; set data.format to one of {FORMATS}")
 
 
 def _select(files: list[str], fmt: str) -> list[str]:
-    suffix = {"parquet": (".parquet",), "webdataset": (".tar",)}.get(fmt)
+    suffix = {"parquet": (".parquet",), "webdataset": (".tar",), "video": VIDEO_SUFFIXES}.get(fmt)
     if suffix is None:  # an image folder: everything, so non-images are counted as bad, not hidden
         # ... except the manifest and captions files that sit beside the images by design
         return [f for f in files if not f.endswith(("manifest.json", ".parquet", ".tar", ".csv", ".jsonl"))]
@@ -271,6 +275,8 @@ def read_images(
     else:
         listing = _listing(source, fmt, s3)
         uri, fmt, files, schemas = listing.uri, listing.fmt, list(listing.files), listing.schemas
+    if fmt == "video":
+        raise ValueError(f"{redact(uri)!r} holds videos: they are read as clips (raysl.data.video.read_clips)")
     fs, _ = resolve(uri, s3)
     # A seeded file order (reseeded each epoch) makes a run's data order reproducible; None: unseeded.
     shuffle: ray.data.FileShuffleConfig | Literal["files"] | None = None
@@ -351,6 +357,8 @@ def source_columns(source: str | Listing, fmt: str = "auto", s3: S3Settings | No
         cols = set(parquet_columns(listing, s3))
         return (cols | {"image", "key"} | ({"caption"} if caption_column in cols else set())
                 | ({"label"} if label_column in cols else set()))
+    if listing.fmt == "video":  # raysl.data.video.read_clips
+        return {"frames", "key", "ok"}
     if listing.fmt == "webdataset":  # captions are per sample (`txt`/`json`); missing ones are counted, not fatal
         return {"image", "key", "label", "caption"}
     return {"image", "key", "label"}

@@ -24,6 +24,7 @@ from PIL import Image, ImageFile
 from torchvision.transforms import v2 as T
 
 from raysl.data.augment import ViewSpec, augment_uint8, sample_crops
+from raysl.data.frames import FrameRows
 
 log = logging.getLogger(__name__)
 
@@ -143,45 +144,55 @@ def _chw(img: Image.Image) -> np.ndarray:
 
 
 class CropViews(_Transform):
-    """Random-resized-crop views of each image, augmented as a batch (raysl.data.augment).
+    """Random-resized-crop views of each image, augmented as a batch (raysl.data.augment); each view at its own
+    spec's size (DINO's global and local crops differ).
 
     `on="cpu"`: each image is decoded (drafted as far as the smallest crop allows), each view's crop is cut and
-    resized in one PIL call, then each view's flips, colour jitter, grayscale, blur and solarize run on the whole
-    batch as tensors. `on="gpu"`: each image is decoded and resized whole to `decode_side`², with its decoded
-    width and height (`decoded`, `decoded_hw`); the training worker makes the views on its device
+    resized in one PIL call (`resample`), then each view's flips, colour jitter, grayscale, blur and solarize run
+    on the whole batch as tensors. `on="gpu"`: each image is decoded and resized whole to `decode_side`², with its
+    decoded width and height (`decoded`, `decoded_hw`); the training worker makes the views on its device
     (`augment.DeviceViews`, same specs, same distribution).
+
+    A batch of video clips (`frames`, `ok`, `key` instead of `image`; raysl.data.frames) gives one sample per
+    frame, keyed `{key}/{t}`: frames are decoded already, so nothing is drafted.
     """
 
     def __init__(self, max_pixels: int, specs: dict[str, ViewSpec], *, on: str = "cpu",
-                 decode_side: int | None = None) -> None:
-        size = next(iter(specs.values())).size
+                 decode_side: int | None = None, resample: Image.Resampling = Image.Resampling.BILINEAR) -> None:
+        size = max(s.size for s in specs.values())
         super().__init__(size, max_pixels)
         if on not in ("cpu", "gpu"):
             raise ValueError(f"data.augment_on: {on!r} is not one of ('cpu', 'gpu')")
-        self.specs, self.on = specs, on
+        self.specs, self.on, self.resample = specs, on, resample
         self.decode_side = decode_side or 2 * size
-        min_scale = min(s.scale[0] for s in specs.values())
-        self.draft_side = crop_draft_side(size, min_scale) if on == "cpu" else self.decode_side
+        # Each view's own bound: the draft keeps every crop of every view at ≥ its output size (one shared
+        # bound from the largest size and the smallest scale would decode DINO's images 2-3× larger than needed).
+        self.draft_side = (max(crop_draft_side(s.size, s.scale[0]) for s in specs.values()) if on == "cpu"
+                           else self.decode_side)
         self.rng = np.random.default_rng()  # unseeded: each task's views differ
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch.set_num_threads(1)
-        n, gpu = len(batch["key"]), self.on == "gpu"
-        side = self.decode_side if gpu else self.size
-        out: dict[str, np.ndarray] = {name: np.zeros((n, 3, side, side), dtype=np.uint8)
-                                      for name in (["decoded"] if gpu else self.specs)}
+        frames = FrameRows(batch) if "frames" in batch else None
+        columns = frames.columns if frames is not None else batch
+        n, gpu = len(columns["key"]), self.on == "gpu"
+        out: dict[str, np.ndarray] = ({"decoded": np.zeros((n, 3, self.decode_side, self.decode_side), np.uint8)}
+                                      if gpu else {name: np.zeros((n, 3, spec.size, spec.size), dtype=np.uint8)
+                                                   for name, spec in self.specs.items()})
         hw, valid = np.zeros((n, 2), dtype=np.int32), np.zeros(n, dtype=bool)
         for i in range(n):  # one decoded image alive at a time (see _Transform._render)
-            im = decode_or_none(batch["image"][i], str(batch["key"][i]), self.max_pixels, self.draft_side)
+            im = (frames.image(i) if frames is not None else
+                  decode_or_none(batch["image"][i], str(batch["key"][i]), self.max_pixels, self.draft_side))
             if im is None:
                 continue
             valid[i], hw[i] = True, im.size
             if gpu:
+                side = self.decode_side
                 out["decoded"][i] = _chw(im.resize((side, side), Image.Resampling.BILINEAR))
             for name, spec in ({} if gpu else self.specs).items():
                 x0, y0, w, h = (int(v) for v in sample_crops(hw[i, :1], hw[i, 1:], spec.scale, spec.ratio,
                                                              self.rng)[0])
-                out[name][i] = _chw(im.resize((side, side), Image.Resampling.BILINEAR, box=(x0, y0, x0 + w, y0 + h)))
+                out[name][i] = _chw(im.resize((spec.size, spec.size), self.resample, box=(x0, y0, x0 + w, y0 + h)))
             del im
         if gpu:
             out["decoded_hw"] = hw
@@ -190,7 +201,7 @@ class CropViews(_Transform):
             for name, spec in self.specs.items():
                 views = torch.from_numpy(out[name])
                 views[rows] = augment_uint8(views[rows], spec, self.rng)
-        return _finish(out, valid, batch)
+        return _finish(out, valid, columns)
 
 
 def two_view_specs(image_size: int, *, crop_scale: tuple[float, float], flip_p: float,

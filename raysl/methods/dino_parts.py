@@ -1,8 +1,8 @@
 """DINO's projection head, loss and schedules: the parts DINO and DoRA share.
 
 Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", arXiv 2104.14294 (Sec. 3.1, App.).
-Settings and their sources are collected in docs/DORA-NOTES.md. The method classes that use these (issue 13) are
-not registered yet; these parts are tested on their own (tests/unit/test_dino_parts.py).
+Settings and their sources are collected in docs/DORA-NOTES.md. Used by raysl/methods/dino.py (and DoRA); tested on
+their own in tests/unit/test_dino_parts.py.
 """
 
 from __future__ import annotations
@@ -104,12 +104,15 @@ def teacher_temperature(epoch: float, warmup_epochs: float = 30, start: float = 
 
 def clip_each_gradient(parameters: Iterable[nn.Parameter], max_norm: float) -> None:
     """DINO's clipping: each parameter's gradient is rescaled to `max_norm` on its own when its L2 norm exceeds it
-    (not one global norm over all parameters)."""
-    for p in parameters:
-        if p.grad is not None:
-            norm = p.grad.detach().norm(2)
-            if norm > max_norm:
-                p.grad.mul_(max_norm / (norm + 1e-6))
+    (not one global norm over all parameters). The factors min(1, max_norm / norm) stay on the device: no host sync
+    per parameter (a ViT-S has ~150 tensors). A non-finite gradient stays non-finite, for the loop's step guard."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+    factors = (max_norm / (norms + 1e-6)).clamp_(max=1.0)
+    for g, f in zip(grads, factors.unbind(), strict=True):
+        g.mul_(f.to(g.dtype))
 
 
 def drop_last_layer_gradients(head: DINOHead, epoch: float, freeze_epochs: float) -> None:

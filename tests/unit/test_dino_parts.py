@@ -113,3 +113,10 @@ def test_last_layer_frozen_in_the_first_epochs_and_each_gradient_clipped_alone()
 def test_loss_refuses_too_few_views() -> None:
     with pytest.raises(ValueError, match="at least 2"):
         DINOLoss(out_dim=4)([torch.zeros(1, 4)], [torch.zeros(1, 4)], teacher_temp=0.04)
+
+
+def test_clipping_keeps_a_non_finite_gradient_non_finite() -> None:
+    nan, inf = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    nan.grad, inf.grad = torch.tensor([float("nan"), 1.0]), torch.tensor([float("inf"), 1.0])
+    clip_each_gradient([nan, inf], max_norm=3.0)
+    assert not torch.isfinite(nan.grad).all() and not torch.isfinite(inf.grad).all()  # the step guard must see it
