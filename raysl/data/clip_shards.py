@@ -111,7 +111,7 @@ def _decode_shard_rows(batch: dict[str, np.ndarray], per_batch: int) -> Iterator
 
 
 def read_clip_shards(files: list[str], uri: str, s3: S3Settings | None, *,
-                     clips_per_task: int = CLIPS_PER_BATCH) -> ray.data.Dataset:
+                     per_task: int = CLIPS_PER_BATCH) -> ray.data.Dataset:
     """Clip shards (Parquet: "frames" list of JPEG bytes, "key") → the rows of `read_clips`: {"frames": uint8
     (T, h, w, 3), "key", "ok"}, in file order. A clip with a frame that does not decode is zeros and ok=False."""
     if not files:
@@ -121,7 +121,7 @@ def read_clip_shards(files: list[str], uri: str, s3: S3Settings | None, *,
     if not is_s3(uri):
         paths = [f if f.startswith("/") else resolve(f)[1] for f in paths]
     ds = _read_parquet_v1(paths, fs, None).select_columns(["frames", "key"])
-    ds = ds.map_batches(_decode_shard_rows, fn_kwargs={"per_batch": clips_per_task},  # type: ignore[arg-type]
+    ds = ds.map_batches(_decode_shard_rows, fn_kwargs={"per_batch": per_task},  # type: ignore[arg-type]
                         batch_size=None, batch_format="numpy")
     ds.context.execution_options.preserve_order = True
     return ds

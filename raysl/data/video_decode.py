@@ -134,10 +134,14 @@ class VideoReader:
         return self._t0 + int(index / self._fps / self._tb)
 
     def _decode_on_to(self, index: int) -> bool:
-        """Whether decoding on from where we are reaches `index` cheaper than seeking. Unknown GOP: assume 2 s."""
+        """Whether decoding on from where we are reaches `index` cheaper than seeking: when no keyframe lies
+        between here and there (by the longest keyframe interval seen), a seek would land behind us. Until two
+        keyframes were seen in a row the interval is unknown: decode on up to 2 s ahead."""
         if self._frames is None or index <= self._pos:
             return False
-        return index - self._pos <= (self._gop or 2 * int(self._fps) or 60)
+        if self._gop and self._key >= 0:
+            return index < self._key + self._gop
+        return index - self._pos <= 2 * max(1, round(self._fps))
 
     def _run(self) -> Iterator[Any]:
         """Frames decoded from the current position on. A packet shown before the wanted frame is decoded with

@@ -17,7 +17,7 @@ import pytest
 from raysl import cli
 from raysl.data import sources
 from raysl.data.synthetic_video import frame_index, make_video, stamp_bits, truncate
-from raysl.data.video import VIDEO_SUFFIXES, plan_clips, probe
+from raysl.data.video import BATCH_BYTES, VIDEO_SUFFIXES, clips_per_task, plan_clips, probe
 from raysl.data.video_decode import decode_clips, output_size, parse_clip_id
 from raysl.storage import StorageError
 
@@ -71,6 +71,12 @@ def test_mixed_shapes_and_portrait_keep_their_aspect(videos: Path) -> None:
     assert shapes == {"land.mp4": (T, 48, 64, 3), "port.mp4": (T, 64, 48, 3)}
     assert batch["frames"].dtype == object and batch["ok"].all()  # a ragged column: one array per clip
     assert output_size(3840, 2160, 448) == (796, 448) and output_size(1080, 1920, 448) == (448, 796)
+
+
+def test_a_task_holds_a_few_clips_of_large_frames_and_more_of_small_ones() -> None:
+    assert clips_per_task(8, 448) == 7  # DoRA: 8 frames at 448×796, ~8.6 MB a clip
+    assert 7 * 8 * 448 * 796 * 3 <= BATCH_BYTES
+    assert clips_per_task(8, 224) == 16 and clips_per_task(8, 2048) == 1  # capped: time grows with the source
 
 
 def test_a_truncated_file_gives_the_clips_before_the_cut_and_marks_the_rest(
