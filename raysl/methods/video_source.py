@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import ray.data
 
 from raysl.config import PretrainConfig
-from raysl.data.sources import Listing, list_source
+from raysl.data.sources import VIDEO_SUFFIXES, Listing, list_source
 from raysl.data.video import is_clip_shards, plan_clips, read_clip_shards, read_clips
 from raysl.methods.base import Method
 from raysl.storage import S3Settings, redact
@@ -23,6 +23,15 @@ from raysl.storage import S3Settings, redact
 def is_video(listing: Listing | None, s3: S3Settings | None = None) -> bool:
     """Whether a listed corpus is video: video files, or clip shards."""
     return listing is not None and (listing.fmt == "video" or is_clip_shards(listing, s3))
+
+
+def given_listing(uri: str, files: list[str]) -> Listing:
+    """A listing of a worker's own part of an epoch, told from the entries themselves, so that no epoch lists the
+    data URI again: clip ids (`video#start`) are video; other files keep the format of their suffix."""
+    if all(f.rpartition("#")[0].lower().endswith(VIDEO_SUFFIXES) for f in files):
+        return Listing(uri, "video", tuple(files))
+    fmt = "parquet" if files[0].endswith(".parquet") else "webdataset" if files[0].endswith(".tar") else "images"
+    return Listing(uri, fmt, tuple(files))
 
 
 def frame_side(cfg: PretrainConfig) -> int:
@@ -60,7 +69,8 @@ class VideoSource(Method):
     def open_source(cls, cfg: PretrainConfig, s3: S3Settings, files: list[str] | None = None,
                     listing: Listing | None = None) -> tuple[ray.data.Dataset, dict[str, int]]:
         d = cfg.data
-        listing = listing if listing is not None else list_source(d.uri, d.format, s3)
+        if listing is None:
+            listing = given_listing(d.uri, files) if files else list_source(d.uri, d.format, s3)
         if listing.fmt == "video":
             clips = files if files is not None else cls.source_files(cfg, s3, listing) or []
             ds = read_clips(clips, listing.uri, s3, d.frames_per_clip, d.frame_stride, frame_side(cfg))
