@@ -50,7 +50,7 @@ def clip_iou(vit: nn.Module, clips: Clips, *, image_size: int, mean: tuple[float
         x = normalize(x.round().clamp(0, 255), mean, std)
         gt = F.interpolate(torch.from_numpy(truth).float(), size=(image_size, image_size), mode="nearest") > 0.5
         parts = last_block_parts(vit, x)
-        anchor = type(parts)(**{f: getattr(parts, f)[:1] for f in ("cls_attn", "queries", "keys", "tokens", "cls")})
+        anchor = parts.first_frames(1)
         for _ in range(draws):
             heads = random_heads(heads_total, min(objects, heads_total), gen)
             masks = track(discover(anchor, heads, iters, eps), parts.keys[None])  # (1, T, k, N)

@@ -81,8 +81,7 @@ class DoRA(DINO):
         parts = last_block_parts(self.teacher_backbone, x)
         frames = len(x) // clips
         n, d = parts.keys.shape[1:]
-        anchor = type(parts)(**{f: getattr(parts, f).view(clips, frames, *getattr(parts, f).shape[1:])[:, 0]
-                                for f in ("cls_attn", "queries", "keys", "tokens", "cls")})
+        anchor = parts.first_frames(clips)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.steps_done)  # a resumed run draws the same
         heads = random_heads(self.heads, self.objects, gen).to(x.device)
         prototypes = discover(anchor, heads, self.iters, self.eps)

@@ -34,6 +34,10 @@ class LastBlock:
     tokens: Tensor  # (B, N, d) final output patch tokens (after the final norm)
     cls: Tensor  # (B, d) final output [CLS] token (the DINO head's input)
 
+    def first_frames(self, clips: int) -> LastBlock:
+        """The parts of each clip's first frame, the rows being `clips` clips of equal length, frame-major."""
+        return LastBlock(**{f: getattr(self, f).unflatten(0, (clips, -1))[:, 0] for f in self.__dataclass_fields__})
+
 
 @torch.no_grad()
 def last_block_parts(vit: Any, x: Tensor) -> LastBlock:
