@@ -21,6 +21,8 @@ class SelfDistillConfig(Strict):
     hidden_dim: int = Field(2048, ge=1)
     bottleneck_dim: int = Field(256, ge=1)
     norm_last_layer: bool = Field(True, description="fix the last layer's weight-norm gain at 1 (unit prototypes)")
+    head_bn: bool = Field(False, description="BatchNorm after the head's hidden layers (DINO's use_bn_in_head, "
+                          "its ResNet setting): small ViTs on short runs otherwise collapse to uniform")
     student_temp: float = Field(0.1, gt=0)
     teacher_temp: tuple[float, float] = Field((0.04, 0.07), description="teacher temperature, linear from the "
                                               "first to the second over teacher_temp_warmup_steps, then held")

@@ -95,7 +95,7 @@ _DEMO_METHODS: dict[str, dict[str, Any]] = {
 _DEMO_METHODS["dino"] = {
     "model": _DEMO_METHODS["ijepa"]["model"],
     "method": {"name": "dino", "out_dim": 1024, "hidden_dim": 256, "bottleneck_dim": 64, "local_crops": 2,
-               "local_size": 16, "flip_p": 0.0, "teacher_temp": [0.04, 0.04]},
+               "local_size": 16, "flip_p": 0.0, "teacher_temp": [0.04, 0.04], "head_bn": True},
     "optim": {"name": "adamw", "lr": 5e-4, "scale_lr": False, "weight_decay": 0.04, "weight_decay_end": 0.4,
               "warmup_steps": 20},
 }

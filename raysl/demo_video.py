@@ -22,7 +22,7 @@ DORA_DEMO: dict[str, Any] = {
     "model": {"backbone": "vit_tiny_patch16_224", "image_size": 64, "patch_size": 8,
               "backbone_kwargs": {"depth": 4, "embed_dim": 96, "num_heads": 6}, "mean": [0.5] * 3, "std": [0.5] * 3},
     "method": {"name": "dora", "out_dim": 1024, "hidden_dim": 256, "bottleneck_dim": 64, "local_crops": 2,
-               "local_size": 32, "objects": OBJECTS},
+               "local_size": 32, "objects": OBJECTS, "head_bn": True},  # without it, a ViT this small collapses
     "data": {"frames_per_clip": 4, "frame_stride": 4, "clip_every": 2},
     "optim": {"name": "adamw", "lr": 5e-4, "scale_lr": False, "weight_decay": 0.04, "weight_decay_end": 0.4,
               "warmup_steps": 10},

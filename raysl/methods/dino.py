@@ -125,7 +125,7 @@ class DINO(VideoSource):
         self.backbone = create_backbone(mc.backbone, cifar_stem=mc.cifar_stem, image_size=mc.image_size,
                                         patch_size=mc.patch_size, **student_kwargs(cfg))
         self.head = DINOHead(int(self.backbone.num_features), m.out_dim, m.hidden_dim,  # type: ignore[arg-type]
-                             m.bottleneck_dim, m.norm_last_layer)
+                             m.bottleneck_dim, m.norm_last_layer, m.head_bn)
         self.teacher_backbone = without_dropout(make_target(self.backbone))
         self.teacher_head = make_target(self.head)
         self.loss_fn = DINOLoss(m.out_dim, m.student_temp, m.center_momentum)

@@ -18,18 +18,21 @@ from torch.nn.utils.parametrizations import weight_norm
 
 
 class DINOHead(nn.Module):
-    """MLP (in → hidden → hidden → bottleneck, GELU), L2-normalised bottleneck, then a weight-normalised linear
-    layer to `out_dim` prototypes without bias. `norm_last_layer`: the weight-norm gain is fixed at 1, so every
-    prototype has unit norm and each logit is a cosine similarity (the paper's default for ViT-B; ViT-S trains it).
+    """MLP (in → hidden → hidden → bottleneck, GELU; `use_bn`: BatchNorm before each GELU), L2-normalised
+    bottleneck, then a weight-normalised linear layer to `out_dim` prototypes without bias. `norm_last_layer`: the
+    weight-norm gain is fixed at 1, so every prototype has unit norm and each logit is a cosine similarity (the
+    paper's default for ViT-B; ViT-S trains it).
 
     The parametrized weight norm, not `nn.utils.weight_norm`: the legacy hook cannot be deep-copied on torch 2.14,
     and the teacher is a copy of the student."""
 
     def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 norm_last_layer: bool = True) -> None:
+                 norm_last_layer: bool = True, use_bn: bool = False) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
-                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        layers: list[nn.Module] = []
+        for d in (in_dim, hidden_dim):  # no Identity placeholders: without BatchNorm the parameter names stay put
+            layers += [nn.Linear(d, hidden_dim), *([nn.BatchNorm1d(hidden_dim)] if use_bn else []), nn.GELU()]
+        self.mlp = nn.Sequential(*layers, nn.Linear(hidden_dim, bottleneck_dim))
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
