@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 
 def image_columns(batch: Mapping[str, Any]) -> list[str]:
@@ -89,7 +90,8 @@ def pca_2d(x: np.ndarray) -> np.ndarray:
     """The first two principal components of the rows of `x` (N,D) → (N,2)."""
     x = np.asarray(x, dtype=np.float64)
     x = x - x.mean(axis=0, keepdims=True)
-    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    with threadpool_limits(limits=1, user_api="blas"):  # small; OpenBLAS's spinning threads crawl on a busy machine
+        _, _, vt = np.linalg.svd(x, full_matrices=False)
     out = x @ vt[:2].T
     if out.shape[1] < 2:  # one feature: a flat second axis
         out = np.pad(out, ((0, 0), (0, 2 - out.shape[1])))
