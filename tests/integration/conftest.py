@@ -221,8 +221,11 @@ def ray_head(s3: S3, workspace: Path) -> Iterator[RayHead]:
     cmd = [f"{bin_dir}/ray", "start", "--head", "--block", "--num-cpus", "4", "--include-dashboard", "true",
            "--dashboard-host", "127.0.0.1", "--temp-dir", str(temp_dir), "--disable-usage-stats",
            *[str(x) for kv in ports.items() for x in kv]]
-    # Job entrypoints run `raysl …` from PATH, as on a cluster image with raysl installed.
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ.get('PATH', '')}", RAY_AUTH_MODE="token")
+    # Job entrypoints run `raysl …` from PATH, as on a cluster image with raysl installed. Ray Train's controller
+    # acts on what it sees in its polls of the workers, every 2 s by default: every run here is seconds long and
+    # waited for (start, each report's checkpoint, the end, a killed worker), so it polls every 0.5 s.
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ.get('PATH', '')}", RAY_AUTH_MODE="token",
+               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5")
     log = workspace / "ray-head.log"
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{ports['--dashboard-port']}"
