@@ -12,13 +12,13 @@ Random parameters are drawn with numpy on the host (a few numbers per image) and
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
-from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 SOLARIZE_THRESHOLD = 128 / 255
@@ -107,9 +107,23 @@ def _saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 def _hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    hsv = _rgb_to_hsv(x)
-    h = torch.remainder(hsv[:, :1] + f, 1.0)
-    return _hsv_to_rgb(torch.cat([h, hsv[:, 1:]], dim=1))
+    """torchvision's adjust_hue (hue rotated by `f` turns in HSV, saturation and value kept), computed directly:
+    each channel is v − c·clamp(min(k, 4 − k), 0, 1) with k = (n + 6h) mod 6 (n = 5, 3, 1), the closed form of
+    HSV → RGB. torchvision's round trip through an HSV tensor took 3.4 ms per 224-px image on one CPU thread, this
+    1.05 ms (max(dim) with indices, `where` and `remainder` are the slow ops on CPU); it agrees to 2e-6
+    (tests/unit/test_augment.py)."""
+    maxc, minc = x.amax(dim=1), x.amin(dim=1)
+    c = maxc - minc
+    r, g, b = x.unbind(dim=1)
+    # the sector's numerator, picked as torchvision picks it: red if it is the max, else green, else blue
+    num = torch.where(maxc == r, g - b, torch.where(maxc == g, (b - r).add_(c, alpha=2), (r - g).add_(c, alpha=4)))
+    turns = num.div_(torch.where(c > 0, c, 1.0).mul_(6)).add_(f.view(-1, 1, 1))  # hue + f, in turns
+    out = torch.empty_like(x)
+    for i, n in enumerate((5 / 6, 3 / 6, 1 / 6)):
+        k = turns + n
+        k = k.sub_(k.floor()).mul_(6)
+        torch.sub(maxc, torch.minimum(k, 4 - k).clamp_(0, 1).mul_(c), out=out[:, i])
+    return out
 
 
 _JITTER_OPS = (_brightness, _contrast, _saturation, _hue)
@@ -129,6 +143,18 @@ def gaussian_blur(x: torch.Tensor, kernel: int, sigma: torch.Tensor) -> torch.Te
     return y.view(n, c, h, w)
 
 
+def _on_rows(x: torch.Tensor, sel: np.ndarray, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`fn` applied to the images `sel` of `x`. When it picks every image (always so for a chunk of one, as at
+    224 px), `fn` runs on `x` itself: no gather and scatter copies, which cost a fifth of the 224-px transform."""
+    if len(sel) == 0:
+        return x
+    if len(sel) == len(x):
+        return fn(x)
+    idx = torch.as_tensor(sel, device=x.device)
+    x[idx] = fn(x[idx])
+    return x
+
+
 def _jitter(x: torch.Tensor, spec: ViewSpec, rng: np.random.Generator) -> torch.Tensor:
     n = len(x)
     apply = rng.random(n) < spec.jitter_p
@@ -140,9 +166,7 @@ def _jitter(x: torch.Tensor, spec: ViewSpec, rng: np.random.Generator) -> torch.
             if spec.jitter[op] <= 0:
                 continue
             sel = np.flatnonzero(apply & (order[:, stage] == op))
-            if len(sel):
-                idx = torch.as_tensor(sel, device=x.device)
-                x[idx] = fn(x[idx], _per_image(factors[sel, op], x))
+            x = _on_rows(x, sel, lambda v, s=sel, fn=fn, op=op: fn(v, _per_image(factors[s, op], v)))
     return x
 
 
@@ -164,23 +188,18 @@ def augment(x: torch.Tensor, spec: ViewSpec, rng: np.random.Generator) -> torch.
         return x
     n = len(x)
     if spec.flip_p > 0:
-        sel = torch.as_tensor(np.flatnonzero(rng.random(n) < spec.flip_p), device=x.device)
-        x[sel] = x[sel].flip(-1)
+        x = _on_rows(x, np.flatnonzero(rng.random(n) < spec.flip_p), lambda v: v.flip(-1))
     if spec.jitter_p > 0 and any(j > 0 for j in spec.jitter):
         x = _jitter(x, spec, rng)
     if spec.gray_p > 0:
-        sel = torch.as_tensor(np.flatnonzero(rng.random(n) < spec.gray_p), device=x.device)
-        x[sel] = _gray(x[sel]).expand(-1, 3, -1, -1)
+        x = _on_rows(x, np.flatnonzero(rng.random(n) < spec.gray_p), lambda v: _gray(v).expand(-1, 3, -1, -1).contiguous())
     if spec.blur_p > 0:
         picked = np.flatnonzero(rng.random(n) < spec.blur_p)
-        sigma = rng.uniform(*BLUR_SIGMA, n)[picked]
-        if len(picked):
-            sel = torch.as_tensor(picked, device=x.device)
-            x[sel] = gaussian_blur(x[sel], spec.blur_kernel, torch.as_tensor(sigma, dtype=x.dtype, device=x.device))
+        sigma = torch.as_tensor(rng.uniform(*BLUR_SIGMA, n)[picked], dtype=x.dtype, device=x.device)
+        x = _on_rows(x, picked, lambda v: gaussian_blur(v, spec.blur_kernel, sigma))
     if spec.solarize_p > 0:
-        sel = torch.as_tensor(np.flatnonzero(rng.random(n) < spec.solarize_p), device=x.device)
-        v = x[sel]
-        x[sel] = torch.where(v >= SOLARIZE_THRESHOLD, 1 - v, v)
+        x = _on_rows(x, np.flatnonzero(rng.random(n) < spec.solarize_p),
+                     lambda v: torch.where(v >= SOLARIZE_THRESHOLD, 1 - v, v))
     return x
 
 

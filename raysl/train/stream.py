@@ -180,6 +180,7 @@ def quiet_data() -> None:
 
 
 LIMITS_REFRESH_S = 0.05  # how often an execution re-reads the resources it may use (Ray's default: 1 s)
+LOOP_WAIT_S = 0.03  # longest an execution's scheduling loop waits on its running tasks (Ray's default: 0.1 s)
 
 
 def data_defaults() -> None:
@@ -187,6 +188,26 @@ def data_defaults() -> None:
     before its datasets are made."""
     quiet_data()
     prompt_limits()
+    prompt_handover()
+
+
+def prompt_handover() -> None:
+    """Start a task's successor on its CPU as soon as it ends. In Ray 2.60 the scheduling loop waits up to 0.1 s on
+    its running tasks (`WAIT_FOR_TASK_COMPLETION_TIMEOUT_S`), and by default hands a finished task's output to a
+    background metadata thread that releases the task's CPU only on a later pass of the loop: a CPU stood idle
+    0.1–0.3 s between a worker's tasks (Ray's timeline, issue 12 note), 10–20% of an epoch of one-second tasks.
+    Fetching the metadata inline (Ray's own `RAY_DATA_METADATA_PREFETCH_ON_THREAD=0` mode) and a 30 ms wait close
+    most of it: `raysl bench ingest` on 10,000 CIFAR images went from 2,027 to 2,226 img/s on 2 CPUs, 1,488 to 1,719
+    at 1,000. Where a later Ray drops these names, nothing is changed."""
+    try:
+        import ray.data._internal.execution.metadata_fetcher as fetcher
+        import ray.data._internal.execution.streaming_executor_state as state
+    except ImportError:  # pragma: no cover - a Ray without these modules
+        return
+    if hasattr(fetcher, "_PREFETCH_ON_THREAD"):
+        fetcher._PREFETCH_ON_THREAD = False
+    if getattr(state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S", 0) > LOOP_WAIT_S:
+        state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = LOOP_WAIT_S
 
 
 def prompt_limits() -> None:

@@ -159,6 +159,21 @@ def test_per_image_blur_matches_torchvision() -> None:
         assert torch.allclose(out[i:i + 1], ref, atol=1e-5)
 
 
+def test_hue_matches_torchvision_adjust_hue_including_gray_and_tied_pixels() -> None:
+    from raysl.data.augment import _hue
+
+    x = torch.rand(6, 3, 24, 24)
+    x[0] = 0.5  # gray: no hue, unchanged
+    x[1, 1] = x[1, 0]  # red and green tied: torchvision takes the red sector
+    x[2] = (x[2] * 255).round() / 255  # quantised, as decoded images are: many ties
+    x[3, 2] = x[3].amax(dim=0)  # blue is the max everywhere
+    factors = [0.0, 0.1, -0.1, 0.05, -0.5, 0.5]
+    out = _hue(x.clone(), torch.tensor(factors).view(-1, 1, 1, 1))
+    for i, f in enumerate(factors):
+        assert torch.allclose(out[i], T.functional.adjust_hue(x[i], f), atol=1e-5), i
+    assert torch.equal(out[0], x[0])
+
+
 def test_bad_images_are_zero_and_invalid_in_both_paths() -> None:
     specs = two_view_specs(16, **BYOL)
     batch = {"image": np.array([jpeg(photo(0)), b"not an image", b""], dtype=object), "key": np.array(["a", "b", "c"])}

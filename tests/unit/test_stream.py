@@ -87,3 +87,16 @@ def test_slices_apply_a_transform_to_a_whole_block_in_pieces() -> None:
     assert np.concatenate([p["y"] for p in parts]).tolist() == [2 * i for i in range(10)]
     assert np.concatenate([p["key"] for p in parts]).tolist() == block["key"].tolist()
     assert list(Slices(double, 4)({})) == []
+
+
+def test_data_defaults_hand_a_finished_tasks_cpu_on_at_once() -> None:
+    """The settings raysl.train.stream.prompt_handover changes exist in this Ray and take effect: the executor's
+    metadata is fetched inline (the CPU is released in the same loop pass) and the loop waits at most 30 ms."""
+    import ray.data._internal.execution.metadata_fetcher as fetcher
+    import ray.data._internal.execution.streaming_executor_state as state
+
+    from raysl.train.stream import LOOP_WAIT_S, data_defaults
+
+    data_defaults()
+    assert isinstance(fetcher.make_metadata_fetcher(), fetcher.InlineMetadataFetcher)
+    assert state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == LOOP_WAIT_S
