@@ -192,7 +192,8 @@ def augment(x: torch.Tensor, spec: ViewSpec, rng: np.random.Generator) -> torch.
     if spec.jitter_p > 0 and any(j > 0 for j in spec.jitter):
         x = _jitter(x, spec, rng)
     if spec.gray_p > 0:
-        x = _on_rows(x, np.flatnonzero(rng.random(n) < spec.gray_p), lambda v: _gray(v).expand(-1, 3, -1, -1).contiguous())
+        x = _on_rows(x, np.flatnonzero(rng.random(n) < spec.gray_p),
+                     lambda v: _gray(v).expand(-1, 3, -1, -1).contiguous())
     if spec.blur_p > 0:
         picked = np.flatnonzero(rng.random(n) < spec.blur_p)
         sigma = torch.as_tensor(rng.uniform(*BLUR_SIGMA, n)[picked], dtype=x.dtype, device=x.device)
