@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -155,6 +156,11 @@ def _on_rows(x: torch.Tensor, sel: np.ndarray, fn: Callable[[torch.Tensor], torc
     return x
 
 
+def _jitter_op(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], factors: np.ndarray,
+               x: torch.Tensor) -> torch.Tensor:
+    return fn(x, _per_image(factors, x))
+
+
 def _jitter(x: torch.Tensor, spec: ViewSpec, rng: np.random.Generator) -> torch.Tensor:
     n = len(x)
     apply = rng.random(n) < spec.jitter_p
@@ -166,7 +172,7 @@ def _jitter(x: torch.Tensor, spec: ViewSpec, rng: np.random.Generator) -> torch.
             if spec.jitter[op] <= 0:
                 continue
             sel = np.flatnonzero(apply & (order[:, stage] == op))
-            x = _on_rows(x, sel, lambda v, s=sel, fn=fn, op=op: fn(v, _per_image(factors[s, op], v)))
+            x = _on_rows(x, sel, partial(_jitter_op, fn, factors[sel, op]))
     return x
 
 
