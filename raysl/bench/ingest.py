@@ -34,7 +34,7 @@ from raysl.bench.common import compare, drain, start_moto, stop, timed, write_ci
 log = logging.getLogger(__name__)
 KINDS = {"cifar": 32, "imagenet": 224}  # kind → output side (model.image_size)
 FORMATS = ("parquet", "webdataset")
-DATA_VERSION = 1  # bump when the generators change: cached data is rebuilt
+DATA_VERSION = 2  # bump when the generators or the shard writers change: cached data is rebuilt
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

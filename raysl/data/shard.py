@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import posixpath
+import uuid
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from raysl.config import MAX_IMAGE_PIXELS
 from raysl.data.clip_shards import EncodeClips
 from raysl.data.ledger import Ledger
 from raysl.data.sources import read_images
+from raysl.data.tar_sink import TarShardSink
 from raysl.data.views import BadImage, decode_image
 from raysl.storage import S3Settings, redact
 
@@ -181,7 +183,8 @@ def shard(src: str, dst: str, fmt: str, *, rows_per_shard: int = 1000, max_pixel
     if fmt == "parquet":
         ds.write_parquet(dst_path, filesystem=fs, min_rows_per_file=rows_per_shard)
     else:
-        ds.write_webdataset(dst_path, filesystem=fs, min_rows_per_file=rows_per_shard, encoder=None)
+        ds.write_datasink(TarShardSink(dst_path, filesystem=fs, min_rows_per_file=rows_per_shard,
+                                          dataset_uuid=uuid.uuid4().hex))
     manifest = dict(ray.get(ledger.summary.remote()))
     shards = sorted(os.path.basename(f) for f in storage.list_files(dst, s3) if not f.endswith("manifest.json"))
     manifest.update(format=fmt, source=redact(src), labels=labels, captions=bool(captions), shards=shards)

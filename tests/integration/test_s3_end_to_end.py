@@ -5,7 +5,9 @@ random init on held-out digits, under the probe and under fine-tuning."""
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -141,3 +143,10 @@ def test_shard_rerun_is_refused_and_overwrite_leaves_one_copy(s3: S3, ray_cluste
     assert len(objects) == len(manifest["shards"]) + 1, objects  # the new shards and the manifest, no more
     keys = [str(k) for b in read_images(uri).iter_batches(batch_size=None, batch_format="numpy") for k in b["key"]]
     assert len(keys) == 4 and len(set(keys)) == 4, keys
+    # plain tar headers (raysl.data.tar_sink): no PAX extended header before any member, which readers parse
+    shard_key = next(k for k in objects if k.endswith(".tar"))
+    body = s3.client().get_object(Bucket=s3.bucket, Key=shard_key)["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        members = tar.getmembers()
+    assert members and all(not m.pax_headers for m in members), [m.pax_headers for m in members]
+    assert body.count(b"PaxHeader") == 0 and all(m.name.endswith((".png", ".cls")) for m in members), members
