@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import tarfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from ray.data.block import BlockAccessor
@@ -29,7 +30,9 @@ class TarShardSink(BlockBasedFileDatasink):
     def write_block_to_file(self, block: BlockAccessor, file: Any) -> None:
         mtime = int(time.time())
         with tarfile.open(fileobj=file, mode="w|", format=tarfile.GNU_FORMAT) as tar:
-            for row in block.iter_rows(public_row_format=True):
+            rows: Iterator[Any] = block.iter_rows(public_row_format=True)
+            for item in rows:
+                row: dict[str, Any] = dict(item)
                 key = row["__key__"]
                 for field, value in row.items():
                     if value is None or field.startswith("__"):
