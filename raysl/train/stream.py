@@ -121,12 +121,20 @@ def restore_position(saved: Any, rank: int, world: int) -> Position:
     return Position(int(epoch), int(batches))
 
 
+_TRACING: set[str] = set()  # trace files this process has written to
+
+
 def trace(step: int, epoch: int, keys: Any, rank: int) -> None:
-    """With $RAYSL_TRACE_KEYS set, record which samples this step trained on (tests of exact resumption)."""
+    """With $RAYSL_TRACE_KEYS set, record which samples this step trained on (tests of exact resumption): a line
+    `attempt <pid>` when a process starts writing a rank's file, then `step epoch key` per sample."""
     folder = os.environ.get(TRACE_ENV)
     if not folder:
         return
-    with open(os.path.join(folder, f"rank{rank}.txt"), "a") as f:
+    path = os.path.join(folder, f"rank{rank}.txt")
+    with open(path, "a") as f:
+        if path not in _TRACING:
+            _TRACING.add(path)
+            f.write(f"attempt {os.getpid()}\n")
         f.writelines(f"{step} {epoch} {k}\n" for k in np.asarray(keys).astype(str))
 
 

@@ -161,16 +161,16 @@ def sigkill(pid: int) -> None:
 
 
 def read_trace(folder: Path) -> dict[int, list[list[tuple[int, int, str]]]]:
-    """rank → attempts, each a list of (step, epoch, key) in the order trained; a new attempt starts where the
-    step number goes back (a restart replays from its checkpoint)."""
+    """rank → attempts, each a list of (step, epoch, key) in the order trained; each training process that
+    wrote the rank's file is an attempt (raysl.train.stream.trace starts each with an `attempt <pid>` line)."""
     out: dict[int, list[list[tuple[int, int, str]]]] = {}
     for f in sorted(folder.glob("rank*.txt")):
-        attempts: list[list[tuple[int, int, str]]] = [[]]
+        attempts: list[list[tuple[int, int, str]]] = []
         for line in f.read_text().splitlines():
-            step, epoch, key = line.split(" ", 2)
-            row = (int(step), int(epoch), key)
-            if attempts[-1] and row[0] < attempts[-1][-1][0]:
+            if line.startswith("attempt "):
                 attempts.append([])
-            attempts[-1].append(row)
+                continue
+            step, epoch, key = line.split(" ", 2)
+            attempts[-1].append((int(step), int(epoch), key))
         out[int(f.stem[4:])] = attempts
     return out
