@@ -146,7 +146,8 @@ def gaussian_blur(x: torch.Tensor, kernel: int, sigma: torch.Tensor) -> torch.Te
 
 def _on_rows(x: torch.Tensor, sel: np.ndarray, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """`fn` applied to the images `sel` of `x`. When it picks every image (always so for a chunk of one, as at
-    224 px), `fn` runs on `x` itself: no gather and scatter copies, which cost a fifth of the 224-px transform."""
+    224 px), `fn` runs on `x` itself, without gather and scatter copies (the two-view 224-px transform: 13.9 →
+    13.1 ms per image)."""
     if len(sel) == 0:
         return x
     if len(sel) == len(x):

@@ -2,7 +2,7 @@
 
 Ray's own WebDataset writer stamps each member with a fractional `time.time()`, which Python's tarfile can only
 store in a PAX extended header: a second 512-byte header before every member, which every reader then parses.
-Ray's reader (Python's tarfile) took 0.126 s for a 1,250-image shard written that way and 0.066 s for the same
+Ray's reader (Python's tarfile) took 0.128 s for a 1,250-image shard written that way and 0.062 s for the same
 shard with plain headers (issue 12 note); at 32 px that was about 15% of each ingest task. This sink is Ray's
 extension point for writers (`Dataset.write_datasink`) writing each sample's fields as members `{key}.{field}`,
 the WebDataset layout, with whole-second times in GNU-format headers (which also keep names of any length).

@@ -205,8 +205,9 @@ def prompt_handover() -> None:
     background metadata thread that releases the task's CPU only on a later pass of the loop: a CPU stood idle
     0.1–0.3 s between a worker's tasks (Ray's timeline, issue 12 note), 10–20% of an epoch of one-second tasks.
     Fetching the metadata inline (Ray's own `RAY_DATA_METADATA_PREFETCH_ON_THREAD=0` mode) and a 30 ms wait close
-    most of it: `raysl bench ingest` on 10,000 CIFAR images went from 2,027 to 2,226 img/s on 2 CPUs, 1,488 to 1,719
-    at 1,000. Where a later Ray drops these names, nothing is changed."""
+    most of it: this reader's epochs over 10,000 CIFAR images went from 2,027 to 2,226 img/s on 2 CPUs, and from
+    1,488 to 1,719 over 1,000 (interleaved in one process, issue 12 note). Where a later Ray drops these names,
+    nothing is changed."""
     try:
         import ray.data._internal.execution.metadata_fetcher as fetcher
         import ray.data._internal.execution.streaming_executor_state as state
