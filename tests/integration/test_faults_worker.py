@@ -33,7 +33,7 @@ def test_sigkilled_worker_resumes_exactly(mlflow_server: str, ray_cluster: None,
     def kill_after_first_checkpoint() -> None:
         wait_for("the first checkpoint", lambda: registered_checkpoints(storage, "killed-worker") >= 1)
         # mid-way between checkpoints (every 4 steps), so both ranks have trained past the one they resume from
-        wait_for("a step after it", lambda: _steps_traced(trace) >= 6 and _steps_traced(trace) % 4 in (1, 2))
+        wait_for("a step after it", lambda: (step := _steps_traced(trace)) >= 6 and step % 4 in (1, 2))
         pid = train_worker_pids()[0]
         sigkill(pid)
         killed.append(pid)
@@ -70,8 +70,6 @@ def test_sigkilled_worker_resumes_exactly(mlflow_server: str, ray_cluster: None,
 
 
 def _steps_traced(folder: Path) -> int:
-    f = folder / "rank0.txt"
-    if not f.exists():
-        return 0
-    lines = [line for line in f.read_text().splitlines() if not line.startswith("attempt ")]
-    return int(lines[-1].split()[0]) if lines else 0
+    """The last step rank 0 has traced in its latest attempt (0 before any)."""
+    attempts = read_trace(folder).get(0) or [[]]
+    return attempts[-1][-1][0] if attempts[-1] else 0
