@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +21,14 @@ log = logging.getLogger(__name__)
 StepHook = Callable[[int, Method, dict[str, float]], None]
 
 
+def _seed_views(view: Any, seed: int) -> None:
+    """Seed the view transform's crop and augmentation draws (Ray's tasks leave them unseeded) so that an
+    in-process run repeats: a learning test's margin is then one measured number, not a draw."""
+    for t in (view, getattr(view, "views", view)):
+        if isinstance(getattr(t, "rng", None), np.random.Generator):
+            t.rng = np.random.default_rng(seed)
+
+
 def pretrain_in_process(cfg: PretrainConfig, images: np.ndarray, *, sample_seed: int = 1,
                         on_step: StepHook | None = None,
                         labels: np.ndarray | None = None) -> tuple[Method, list[float]]:
@@ -30,6 +39,7 @@ def pretrain_in_process(cfg: PretrainConfig, images: np.ndarray, *, sample_seed:
     torch.manual_seed(cfg.train.seed)
     method_cls = get_method(cfg.method.name)
     method, view = method_cls.build(cfg), method_cls.view_transform(cfg)
+    _seed_views(view, sample_seed)
     method.train()
     steps, bs = cfg.train.steps, cfg.train.batch_size
     opt = build_optimizer(method, cfg.optim, bs)
