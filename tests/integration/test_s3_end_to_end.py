@@ -15,6 +15,7 @@ import pytest
 from raysl.cli import main as cli
 from raysl.config import parse_config
 from raysl.data.shard import shard
+from raysl.demo import DIGITS_FINETUNE_VIEWS
 from raysl.eval.finetune import finetune_classification
 from raysl.eval.probe import probe
 from raysl.train.launch import pretrain
@@ -31,7 +32,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 # test's recipes (`infra/experiments/finetune_digits.py 20,1e-3,60,0.8,0,1 20,1e-3,60,0.8,0,2`): pretrained 66.6% /
 # 63.8% vs random 10.2% / 20.0%; at 100 steps random init catches up to within 10-14 points.
 FT_STEPS, FT_FREEZE, FT_LAYER_DECAY, FT_MARGIN = 60, 20, 0.75, 0.15
-FT_DIGITS = ["method.flip_p=0", "method.crop_scale=[0.8, 1.0]"]
 
 
 def test_shard_pretrain_register_probe_over_s3(s3: S3, mlflow_server: str, ray_cluster: None,
@@ -105,7 +105,7 @@ def test_shard_pretrain_register_probe_over_s3(s3: S3, mlflow_server: str, ray_c
     ft = finetune_classification("models:/it-e2e-encoder@candidate", train_uri, test_uri, label_fraction=0.1,
                                  steps=FT_STEPS, batch_size=64, freeze_steps=FT_FREEZE, layer_decay=FT_LAYER_DECAY,
                                  storage_path=f"s3://{s3.bucket}/ft-runs", tracking_uri=mlflow_server,
-                                 overrides=["train.torch_threads=1", *FT_DIGITS])
+                                 overrides=["train.torch_threads=1", *DIGITS_FINETUNE_VIEWS])
     top1 = {r.init: r.scores["test_top1"] for r in ft.runs}
     assert top1["pretrained"] > top1["random"] + FT_MARGIN, top1
     assert ft.counts["labeled"] == pytest.approx(0.1 * len(train_idx), abs=10)

@@ -46,7 +46,7 @@ def _held_out_knn(encoder: torch.nn.Module, digits: dict[str, np.ndarray], cfg: 
 
 def test_short_pretraining_beats_random_init_on_held_out_knn(digits: dict[str, np.ndarray]) -> None:
     # Measured here (200 steps): random init 0.560; context encoder 0.588-0.654 and EMA target 0.586-0.598 over
-    # four runs while the views were unseeded (CI's failed run was the 0.588), 0.632 / 0.594 with the seeded views
+    # three runs while the views were unseeded (CI's failed run was the 0.588), 0.632 / 0.594 with the seeded views
     # of pretrain_in_process (the same on every rerun here). In short runs the target lags (it averages in the
     # weights of the first steps, whose features dip below random init), so the context encoder carries the
     # margin and the target must at least beat random init. The margins hold for every draw seen, so a machine
