@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 # held-out digits where logistic regression on its features gives 74%).
 DIGITS_FINETUNE_VIEWS = ["method.flip_p=0", "method.crop_scale=[0.8, 1.0]"]
 
+
 def digit_png(pixels: np.ndarray, size: int = 32) -> bytes:
     """An 8×8 digit (values 0–16) → a size×size RGB PNG."""
     img = Image.fromarray((pixels.reshape(8, 8) * (255 / 16)).astype(np.uint8), mode="L")
@@ -132,17 +133,17 @@ def run_downstream(workdir: Path, model_uri: str, data: dict[str, Path], trackin
     from raysl.eval.finetune import finetune_classification
     from raysl.eval.finetune_detection import finetune_detection
 
-    common = {"tracking_uri": tracking_uri, "storage_path": str(workdir / "checkpoints"), "init": "both",
-              "overrides": ["train.torch_threads=1"]}
+    common = {"tracking_uri": tracking_uri, "storage_path": str(workdir / "checkpoints"), "init": "both"}
+    threads = ["train.torch_threads=1"]
     log.info("[downstream 1/2] classification, 10%% of the labels, pretrained vs random init")
     # LP-FT and layer decay: the recipe under which the pretrained encoder's lead shows (README, Downstream).
     cls = finetune_classification(model_uri, str(data["train"]), str(data["test"]), label_fraction=0.1,
                                   steps=steps, freeze_steps=30, layer_decay=0.75,
-                                  **{**common, "overrides": [*common["overrides"], *DIGITS_FINETUNE_VIEWS]})  # type: ignore[arg-type]
+                                  overrides=[*threads, *DIGITS_FINETUNE_VIEWS], **common)  # type: ignore[arg-type]
     det_data = write_detection_splits(workdir / "detection", 600, 200, image_size=64)
     log.info("[downstream 2/2] detection (Faster R-CNN, FPN over the encoder), pretrained vs random init")
     det = finetune_detection(model_uri, str(det_data["train"]), str(det_data["test"]), steps=steps,
-                             batch_size=16, image_size=64, **common)  # type: ignore[arg-type]
+                             batch_size=16, image_size=64, overrides=threads, **common)  # type: ignore[arg-type]
     print(f"\nclassification, {cls.counts['labeled']} labeled digits (10%), {cls.counts['test']} held out, "
           f"{steps} steps\n{cls.table(('test_top1',))}")
     print(f"\ndetection on generated scenes (600 train / 200 test, 64 px), {steps} steps\n"
