@@ -157,3 +157,55 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+_RAY_CONTROL = ("raylet", "gcs_server", "/ray/dashboard/", "/ray/_private/", "/ray/autoscaler/")
+
+
+def _proc(pid: str) -> tuple[int, float, str] | None:
+    """(parent pid, CPU seconds used, command line) of a live process, from /proc; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, …, utime, stime
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), cmd
+
+
+CPU_GROUPS = ("driver", "ray_workers", "ray_control", "loader_workers")
+
+
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU seconds each live process on this machine has used so far, with its group: this process (`driver`);
+    Ray's task workers (`ray_workers`: titled `ray::IDLE` or after the task they run); the rest of Ray
+    (`ray_control`: raylet, GCS, dashboard and agents, and Ray Data's own actors, titled `ray::_…`); this
+    process's other descendants (`loader_workers`: DataLoader and forkserver processes). On a machine with few
+    cores every group competes with the workers. Linux only (/proc)."""
+    procs = {int(p): info for p in os.listdir("/proc") if p.isdigit() and (info := _proc(p)) is not None}
+    me = os.getpid()
+    out: dict[int, tuple[str, float]] = {}
+    for pid, (ppid, cpu, cmd) in procs.items():
+        if pid == me:
+            out[pid] = ("driver", cpu)
+        elif cmd.startswith("ray::"):
+            title = cmd[5:].split(" ", 1)[0]
+            out[pid] = ("ray_control" if title.startswith("_") or title.endswith("Agent") else "ray_workers", cpu)
+        elif any(marker in cmd for marker in _RAY_CONTROL):
+            out[pid] = ("ray_control", cpu)
+        else:
+            while ppid > 1 and ppid != me:  # a descendant of this process?
+                ppid = procs[ppid][0] if ppid in procs else 0
+            if ppid == me:
+                out[pid] = ("loader_workers", cpu)
+    return out
+
+
+def cpu_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds used between two `cpu_seconds()` readings, by group (a process that ended in between is left
+    out, one that started is counted whole)."""
+    out = dict.fromkeys(CPU_GROUPS, 0.0)
+    for pid, (group, cpu) in after.items():
+        out[group] += max(0.0, cpu - (before[pid][1] if pid in before else 0.0))
+    return out

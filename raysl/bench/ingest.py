@@ -20,7 +20,6 @@ img/s counts every image of the corpus (the training reader transforms the last 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import shutil
@@ -29,7 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from raysl.bench.common import compare, drain, start_moto, stop, timed, write_cifar_images, write_imagenet_images
+from raysl.bench.common import compare, start_moto, stop, write_cifar_images, write_imagenet_images
+from raysl.bench.ingest_sides import LoaderSide, RaySide, Side
 
 log = logging.getLogger(__name__)
 KINDS = {"cifar": 32, "imagenet": 224}  # kind → output side (model.image_size)
@@ -53,72 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--s3", action="store_true", help="also read the shards from a local moto S3 server")
     parser.add_argument("--cache-dir", help="keep the generated images and shards here, reused by later runs")
     parser.add_argument("--seed", type=int, default=0, help="image generator seed")
-
-
-class _Side:
-    """One way of reading a corpus: `first()` builds the pipeline and runs a pass, `again()` another pass."""
-
-    startup_s: float
-    delivered: int
-
-    def __init__(self) -> None:
-        self.rates: list[float] = []
-
-    def first(self) -> None:
-        raise NotImplementedError
-
-    def again(self) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-class _RaySide(_Side):
-    def __init__(self, uri: str, image_px: int, batch_size: int, n: int) -> None:
-        super().__init__()
-        self.uri, self.image_px, self.batch_size, self.n = uri, image_px, batch_size, n
-        self.epoch = 0
-
-    def first(self) -> None:
-        from raysl.config import parse_config
-        from raysl.data.sources import data_files
-        from raysl.train.stream import epoch_reader
-
-        def build_and_pass() -> int:
-            cfg = parse_config({"data": {"uri": self.uri}, "model": {"image_size": self.image_px}})
-            self.files = data_files(cfg.data.uri, cfg.data.format)
-            self.open_epoch = epoch_reader(cfg, self.batch_size, rank=0, world=1)
-            return drain(self.open_epoch(self.files, 0))
-
-        self.startup_s, self.delivered = timed(build_and_pass)
-
-    def again(self) -> None:
-        self.epoch += 1
-        seconds, _ = timed(lambda: drain(self.open_epoch(self.files, self.epoch)))
-        self.rates.append(self.n / seconds)
-
-
-class _LoaderSide(_Side):
-    def __init__(self, make: Callable[[], Any], n: int) -> None:
-        super().__init__()
-        self.make, self.n = make, n
-        self.loader: Any = None
-
-    def first(self) -> None:
-        def build_and_pass() -> int:
-            self.loader = self.make()
-            return drain(iter(self.loader))
-
-        self.startup_s, self.delivered = timed(build_and_pass)
-
-    def again(self) -> None:
-        seconds, _ = timed(lambda: drain(iter(self.loader)))
-        self.rates.append(self.n / seconds)
-
-    def close(self) -> None:
-        self.loader = None  # its persistent workers stop with it
-        gc.collect()
 
 
 def _warm(batch: dict[str, Any]) -> dict[str, Any]:
@@ -165,7 +99,7 @@ def _upload(folder: Path, prefix: str, formats: list[str]) -> dict[str, str]:
 
 
 def _measure(folder: Path, kind: str, n: int, args: argparse.Namespace, formats: list[str],
-             s3_uris: dict[str, str]) -> dict[str, _Side]:
+             s3_uris: dict[str, str]) -> dict[str, Side]:
     """Every side of one corpus: start-up passes, then `rounds` rounds of steady passes."""
     from raysl.bench import baselines
     from raysl.config import parse_config
@@ -185,13 +119,13 @@ def _measure(folder: Path, kind: str, n: int, args: argparse.Namespace, formats:
         paths = [str(p) for p in sorted((folder / "src" / "all").iterdir())]
         return baselines.loader(baselines.UserViews(paths, px), bs, args.workers, args.seed)
 
-    sides: dict[str, _Side] = {}
+    sides: dict[str, Side] = {}
     for fmt in formats:
-        sides[f"{fmt}/local/ray"] = _RaySide(str(folder / fmt), px, bs, n)
-        sides[f"{fmt}/dataloader"] = _LoaderSide(hand_tuned(fmt), n)
+        sides[f"{fmt}/local/ray"] = RaySide(str(folder / fmt), px, bs, n)
+        sides[f"{fmt}/dataloader"] = LoaderSide(hand_tuned(fmt), n)
         if fmt in s3_uris:
-            sides[f"{fmt}/s3/ray"] = _RaySide(s3_uris[fmt], px, bs, n)
-    sides["user_dataloader"] = _LoaderSide(user, n)
+            sides[f"{fmt}/s3/ray"] = RaySide(s3_uris[fmt], px, bs, n)
+    sides["user_dataloader"] = LoaderSide(user, n)
     try:
         for name, side in sides.items():
             side.first()
@@ -208,7 +142,7 @@ def _measure(folder: Path, kind: str, n: int, args: argparse.Namespace, formats:
     return sides
 
 
-def _pair(a: _Side, b: _Side, a_key: str, b_key: str, n: int) -> dict[str, Any]:
+def _pair(a: Side, b: Side, a_key: str, b_key: str, n: int) -> dict[str, Any]:
     """Steady and start-up of side `a` over side `b`; both ratios are throughput ratios (> 1: `a` faster)."""
     return {"steady": compare(a.rates, b.rates, f"{a_key}_img_s", f"{b_key}_img_s"),
             "startup": {f"{a_key}_s": round(a.startup_s, 2), f"{b_key}_s": round(b.startup_s, 2),
@@ -216,7 +150,7 @@ def _pair(a: _Side, b: _Side, a_key: str, b_key: str, n: int) -> dict[str, Any]:
                         "ratio": round(b.startup_s / a.startup_s, 3)}}
 
 
-def _results(kind: str, n: int, sides: dict[str, _Side], formats: list[str]) -> dict[str, Any]:
+def _results(kind: str, n: int, sides: dict[str, Side], formats: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for fmt in formats:
         ray = sides[f"{fmt}/local/ray"]
@@ -267,7 +201,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     results.update(_results(kind, n, sides, formats))
                     data[f"{kind}/{n}"] = {**info, "batch_size": min(args.batch_size, n)}
                     raw[f"{kind}/{n}"] = {k: {"startup_s": round(s.startup_s, 2), "images_delivered": s.delivered,
-                                              "rounds_img_s": [round(x, 1) for x in s.rates]}
+                                              "rounds_img_s": [round(x, 1) for x in s.rates],
+                                              "cpu_s_per_1000_images": s.cpu_per_1000()}
                                           for k, s in sides.items()}
         finally:
             ctx.execution_options.resource_limits = saved_limits
@@ -292,6 +227,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "and the DataLoaders' forkserver warm; ratio = baseline seconds / Ray seconds",
             "steady": "full passes after the start-up pass, sides in turn (order rotated each round); img/s = "
                       "corpus images / pass seconds",
+            "cpu_s_per_1000_images": "median over the steady passes of CPU seconds used on this machine while "
+                                     "the side ran, per 1,000 images, by process group (raysl.bench.common."
+                                     "cpu_seconds): driver, ray_workers, ray_control, loader_workers",
         },
         "results": results,
         "summary": {key: {cmp: {"steady": v["steady"]["ratio"], "startup": v["startup"]["ratio"]}

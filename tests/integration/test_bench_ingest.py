@@ -41,7 +41,14 @@ def test_bench_ingest_reports_every_ratio(ray_cluster: None, capfd: pytest.Captu
             for k in ("ratio", f"{a}_s", f"{b}_s", f"{a}_img_s", f"{b}_img_s"):
                 assert _positive(startup[k]), (key, comparison, k, startup)
             assert report["summary"][key][comparison] == {"steady": steady["ratio"], "startup": startup["ratio"]}
-    for side in report["sides"]["cifar/200"].values():
+    sides = report["sides"]["cifar/200"]
+    for side in sides.values():
         assert side["images_delivered"] == 200 and len(side["rounds_img_s"]) == 1
+        cpu = side["cpu_s_per_1000_images"]
+        assert set(cpu) == {"driver", "ray_workers", "ray_control", "loader_workers"}, cpu
+        assert all(isinstance(v, float) and math.isfinite(v) and v >= 0 for v in cpu.values()), cpu
+    # the work is charged where it ran: Ray's task workers for the Ray side, the DataLoader's for the loader
+    assert sides["parquet/local/ray"]["cpu_s_per_1000_images"]["ray_workers"] > 0
+    assert sides["parquet/dataloader"]["cpu_s_per_1000_images"]["loader_workers"] > 0
     assert "not writable" not in err  # the DataLoader sides hand torch writable arrays only
     print(f"bench ingest took {elapsed:.0f} s")
