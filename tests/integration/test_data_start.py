@@ -45,6 +45,11 @@ def _spans() -> list[tuple[float, float]]:
 def test_a_short_execution_runs_tasks_side_by_side_from_the_start(ray_cluster: None) -> None:
     import ray
 
+    # two CPUs free on the shared cluster (an earlier test's training workers may still be stopping): the
+    # coordinator grants an execution no more than is free, and the test is about when, not how much
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
     _spans()  # the cluster's coordinator actor exists from here on
     # A fresh process, as a training worker is; num_cpus=0 so the actor leaves the cluster's CPUs to the tasks
     worker: Any = ray.remote(num_cpus=0)(_Worker).remote()  # type: ignore[attr-defined]  # Ray's stubs
