@@ -100,3 +100,33 @@ def test_data_defaults_hand_a_finished_tasks_cpu_on_at_once() -> None:
     data_defaults()
     assert isinstance(fetcher.make_metadata_fetcher(), fetcher.InlineMetadataFetcher)
     assert state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == LOOP_WAIT_S
+
+
+def test_limits_are_reread_fast_until_answered_then_at_rays_interval() -> None:
+    """raysl.train.stream.prompt_limits on Ray's own ResourceManager.get_global_limits, fed by a stand-in for the
+    coordinator: re-read every 50 ms while the answer has no CPUs, then at Ray's 1 s for that execution only."""
+    import time
+
+    from ray.data import ExecutionOptions, ExecutionResources
+    from ray.data._internal.execution.resource_manager import ResourceManager
+
+    from raysl.train.stream import LIMITS_REFRESH_S, prompt_limits
+
+    prompt_limits()
+    answers = iter([ExecutionResources(cpu=0), ExecutionResources(cpu=0), ExecutionResources(cpu=2)])
+    manager = object.__new__(ResourceManager)  # only what get_global_limits reads
+    manager._options = ExecutionOptions()
+    manager._get_total_resources = lambda: next(answers)
+    manager._object_store_memory_limit_fraction = 0.5
+    manager._global_limits, manager._global_limits_last_update_time = ExecutionResources.zero(), 0
+
+    assert ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == LIMITS_REFRESH_S
+    assert manager.get_global_limits().cpu == 0  # not answered yet: asked again 50 ms later
+    time.sleep(2 * LIMITS_REFRESH_S)
+    assert manager.get_global_limits().cpu == 0
+    time.sleep(2 * LIMITS_REFRESH_S)
+    assert manager.get_global_limits().cpu == 2
+    assert manager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == 1  # answered: Ray's interval from here on
+    assert ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == LIMITS_REFRESH_S  # the next execution starts fast
+    time.sleep(2 * LIMITS_REFRESH_S)
+    assert manager.get_global_limits().cpu == 2  # the cached answer: the stand-in is not asked a fourth time
