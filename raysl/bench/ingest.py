@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from raysl.bench.common import compare, start_moto, stop, write_cifar_images, write_imagenet_images
+from raysl.bench.common import CPU_GROUPS, compare, start_moto, stop, write_cifar_images, write_imagenet_images
 from raysl.bench.ingest_sides import LoaderSide, RaySide, Side
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       "corpus images / pass seconds",
             "cpu_s_per_1000_images": "median over the steady passes of CPU seconds used on this machine while "
                                      "the side ran, per 1,000 images, by process group (raysl.bench.common."
-                                     "cpu_seconds): driver, ray_workers, ray_control, loader_workers",
+                                     f"cpu_seconds): {', '.join(CPU_GROUPS)}",
         },
         "results": results,
         "summary": {key: {cmp: {"steady": v["steady"]["ratio"], "startup": v["startup"]["ratio"]}

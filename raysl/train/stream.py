@@ -234,7 +234,7 @@ def prompt_limits() -> None:
         return
     ray_interval = getattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", 0)
     read = getattr(ResourceManager, "get_global_limits", None)
-    if ray_interval <= LIMITS_REFRESH_S or read is None or getattr(read, "_raysl_prompt", False):
+    if ray_interval <= LIMITS_REFRESH_S or read is None:  # an older or newer Ray, or already set in this process
         return
 
     def get_global_limits(self: Any) -> Any:
@@ -243,7 +243,6 @@ def prompt_limits() -> None:
             self.GLOBAL_LIMITS_UPDATE_INTERVAL_S = ray_interval
         return limits
 
-    get_global_limits._raysl_prompt = True  # type: ignore[attr-defined]  # set once per process
     ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = LIMITS_REFRESH_S  # type: ignore[assignment]  # Ray: int
     ResourceManager.get_global_limits = get_global_limits  # type: ignore[method-assign]
 
