@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -45,6 +45,9 @@ class Side:
 
 
 class RaySide(Side):
+    files: list[str]  # the corpus's files, listed once by `first()`
+    open_epoch: Callable[[list[str], int], Iterator[dict[str, Any]]]  # set by `first()`
+
     def __init__(self, uri: str, image_px: int, batch_size: int, n: int) -> None:
         super().__init__(n)
         self.uri, self.image_px, self.batch_size = uri, image_px, batch_size
