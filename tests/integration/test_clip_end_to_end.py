@@ -98,7 +98,7 @@ def test_clip_pretrain_register_zero_shot_over_s3(s3: S3, mlflow_server: str, ra
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     m = run.data.metrics
-    # 2,560 samples drawn from 1,203 (over two epochs), so each bad one is met, counted and skipped
+    # 2,560 samples drawn from 1,203 (over two epochs), so the bad ones are met, counted and skipped
     assert m["bad_images"] >= n_bad and m["bad_fraction"] < 0.05
     for key in ("logit_scale", "zero_shot_top1", "i2t_recall_at_1", "t2i_recall_at_5", "knn_top1"):
         assert key in m, key
