@@ -119,13 +119,14 @@ def _measure(folder: Path, kind: str, n: int, args: argparse.Namespace, formats:
         paths = [str(p) for p in sorted((folder / "src" / "all").iterdir())]
         return baselines.loader(baselines.UserViews(paths, px), bs, args.workers, args.seed)
 
+    k = pass_epochs(folder, formats)
     sides: dict[str, Side] = {}
     for fmt in formats:
-        sides[f"{fmt}/local/ray"] = RaySide(str(folder / fmt), px, bs, n)
-        sides[f"{fmt}/dataloader"] = LoaderSide(hand_tuned(fmt), n)
+        sides[f"{fmt}/local/ray"] = RaySide(str(folder / fmt), px, bs, n, k)
+        sides[f"{fmt}/dataloader"] = LoaderSide(hand_tuned(fmt), n, k)
         if fmt in s3_uris:
-            sides[f"{fmt}/s3/ray"] = RaySide(s3_uris[fmt], px, bs, n)
-    sides["user_dataloader"] = LoaderSide(user, n)
+            sides[f"{fmt}/s3/ray"] = RaySide(s3_uris[fmt], px, bs, n, k)
+    sides["user_dataloader"] = LoaderSide(user, n, k)
     try:
         for name, side in sides.items():
             side.first()
@@ -140,6 +141,18 @@ def _measure(folder: Path, kind: str, n: int, args: argparse.Namespace, formats:
         for side in sides.values():
             side.close()
     return sides
+
+
+def pass_epochs(folder: Path, formats: list[str]) -> int:
+    """Epochs per timed pass: as many as the training reader reads in one execution (raysl.train.span) for this
+    corpus's shard count (the most over the formats)."""
+    from raysl.train.span import span_epochs
+
+    def distinct(count: int) -> Callable[[int], list[str]]:
+        return lambda epoch: [f"{epoch}/{i}" for i in range(count)]
+
+    counts = {sum(p.suffix in (".parquet", ".tar") for p in (folder / fmt).iterdir()) for fmt in formats}
+    return max(span_epochs(distinct(c), 0, c) for c in counts)
 
 
 def _pair(a: Side, b: Side, a_key: str, b_key: str, n: int) -> dict[str, Any]:

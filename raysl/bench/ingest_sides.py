@@ -1,10 +1,14 @@
 """The sides `raysl bench ingest` times: raysl's Ray Data training reader (`RaySide`) and a torch DataLoader
-(`LoaderSide`), each a start-up pass then steady passes, with the CPU each pass used by process group."""
+(`LoaderSide`), each a start-up pass then steady passes, with the CPU each pass used by process group.
+
+A pass is `epochs` epochs back to back, the same number on every side: the training reader reads that many small
+epochs in one execution (raysl.train.span), so a pass is one whole execution and none runs on while another side is
+timed. Start-up is the time from building a side's pipeline to the end of its first epoch."""
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,23 +22,42 @@ class Side:
     startup_s: float
     delivered: int
 
-    def __init__(self, n: int) -> None:
-        self.n = n
+    def __init__(self, n: int, epochs: int) -> None:
+        self.n, self.epochs = n, epochs
         self.rates: list[float] = []
         self.cpu: list[dict[str, float]] = []  # per steady pass: CPU seconds by process group (cpu_seconds)
 
-    def first(self) -> None:
+    def build(self) -> None:
         raise NotImplementedError
 
-    def one_pass(self) -> int:
+    def epoch(self) -> int:
+        """One epoch: the images delivered."""
         raise NotImplementedError
+
+    def pass_epochs(self) -> int:
+        return self.epochs
+
+    def first(self) -> None:
+        """Build, then a first pass; start-up is the time to the end of its first epoch."""
+        k = 0
+
+        def build_and_epoch() -> int:
+            nonlocal k
+            self.build()
+            k = self.pass_epochs()
+            return self.epoch()
+
+        self.startup_s, self.delivered = timed(build_and_epoch)
+        for _ in range(k - 1):
+            self.epoch()
 
     def again(self) -> None:
+        k = self.pass_epochs()
         before = cpu_seconds()
-        seconds, _ = timed(self.one_pass)
+        seconds, _ = timed(lambda: [self.epoch() for _ in range(k)])
         after = cpu_seconds()
-        self.rates.append(self.n / seconds)
-        self.cpu.append(cpu_used(before, after))
+        self.rates.append(k * self.n / seconds)
+        self.cpu.append({g: c / k for g, c in cpu_used(before, after).items()})  # per epoch
 
     def cpu_per_1000(self) -> dict[str, float]:
         """Median CPU seconds per 1,000 images of the steady passes, by process group."""
@@ -45,46 +68,57 @@ class Side:
 
 
 class RaySide(Side):
-    files: list[str]  # the corpus's files, listed once by `first()`
-    open_epoch: Callable[[list[str], int], Iterator[dict[str, Any]]]  # set by `first()`
+    """raysl's training reader as a worker runs it: `epoch_reader` in a `WorkerStream`'s epoch order."""
 
-    def __init__(self, uri: str, image_px: int, batch_size: int, n: int) -> None:
-        super().__init__(n)
+    reader: Any  # set by `build()`
+    files: list[str]
+
+    def __init__(self, uri: str, image_px: int, batch_size: int, n: int, epochs: int) -> None:
+        super().__init__(n, epochs)
         self.uri, self.image_px, self.batch_size = uri, image_px, batch_size
-        self.epoch = 0
+        self.at = 0
 
-    def first(self) -> None:
+    def plan(self, epoch: int) -> list[str]:
+        from raysl.train.stream import epoch_files
+
+        return epoch_files(self.files, 0, epoch, 0, 1)[0]
+
+    def build(self) -> None:
         from raysl.config import parse_config
         from raysl.data.sources import data_files
         from raysl.train.stream import epoch_reader
 
-        def build_and_pass() -> int:
-            cfg = parse_config({"data": {"uri": self.uri}, "model": {"image_size": self.image_px}})
-            self.files = data_files(cfg.data.uri, cfg.data.format)
-            self.open_epoch = epoch_reader(cfg, self.batch_size, rank=0, world=1)
-            return drain(self.open_epoch(self.files, 0))
+        cfg = parse_config({"data": {"uri": self.uri}, "model": {"image_size": self.image_px}})
+        self.files = data_files(cfg.data.uri, cfg.data.format)
+        self.reader = epoch_reader(cfg, self.batch_size, rank=0, world=1)
+        if hasattr(self.reader, "follow"):
+            self.reader.follow(self.plan)
 
-        self.startup_s, self.delivered = timed(build_and_pass)
+    def pass_epochs(self) -> int:
+        """The epochs of the reader's next execution (a span), so a pass never stops inside one."""
+        from raysl.train.span import span_epochs
 
-    def one_pass(self) -> int:
-        self.epoch += 1
-        return drain(self.open_epoch(self.files, self.epoch))
+        return span_epochs(self.plan, self.at, len(self.files))
+
+    def epoch(self) -> int:
+        self.at += 1
+        return drain(self.reader(self.plan(self.at - 1), self.at - 1))
+
+    def close(self) -> None:
+        if hasattr(self, "reader") and hasattr(self.reader, "close"):
+            self.reader.close()
 
 
 class LoaderSide(Side):
-    def __init__(self, make: Callable[[], Any], n: int) -> None:
-        super().__init__(n)
+    def __init__(self, make: Callable[[], Any], n: int, epochs: int) -> None:
+        super().__init__(n, epochs)
         self.make = make
         self.loader: Any = None
 
-    def first(self) -> None:
-        def build_and_pass() -> int:
-            self.loader = self.make()
-            return drain(iter(self.loader))
+    def build(self) -> None:
+        self.loader = self.make()
 
-        self.startup_s, self.delivered = timed(build_and_pass)
-
-    def one_pass(self) -> int:
+    def epoch(self) -> int:
         return drain(iter(self.loader))
 
     def close(self) -> None:

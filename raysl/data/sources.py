@@ -162,11 +162,13 @@ def _check_parquet(files: list[str], schemas: tuple[pa.Schema, ...], uri: str, r
                              "binary or large_binary, or a struct with a binary `bytes` field (Hugging Face)")
 
 
-def _norm_folder(batch: dict[str, np.ndarray], with_labels: bool) -> dict[str, np.ndarray]:
-    paths = [str(p) for p in batch["path"]]
-    out = {"image": np.array([bytes(b) for b in batch["bytes"]], dtype=object), "key": np.array(paths)}
+def _norm_folder(batch: dict[str, np.ndarray], with_labels: bool, paths: bool = False) -> dict[str, np.ndarray]:
+    names = [str(p) for p in batch["path"]]
+    out = {"image": np.array([bytes(b) for b in batch["bytes"]], dtype=object), "key": np.array(names)}
     if with_labels:
-        out["label"] = np.array([os.path.basename(os.path.dirname(p)) for p in paths])
+        out["label"] = np.array([os.path.basename(os.path.dirname(p)) for p in names])
+    if paths:
+        out["path"] = np.asarray(batch["path"])
     return out
 
 
@@ -181,8 +183,8 @@ def _wds_captions(batch: dict[str, np.ndarray], n: int, field: str) -> np.ndarra
     return np.array(out, dtype=object)
 
 
-def _norm_wds(batch: dict[str, np.ndarray], with_labels: bool, caption_field: str | None = None
-              ) -> dict[str, np.ndarray]:
+def _norm_wds(batch: dict[str, np.ndarray], with_labels: bool, caption_field: str | None = None,
+              paths: bool = False) -> dict[str, np.ndarray]:
     n = len(batch["__key__"])
     images: list[bytes] = [b""] * n
     for ext in WDS_IMAGE_KEYS:
@@ -201,6 +203,8 @@ def _norm_wds(batch: dict[str, np.ndarray], with_labels: bool, caption_field: st
                                  for v in batch["cls"]])
     if caption_field is not None:
         out["caption"] = _wds_captions(batch, n, caption_field)
+    if paths:
+        out["path"] = np.asarray(batch["path"])
     return out
 
 
@@ -216,10 +220,12 @@ def _norm_parquet(
         out["label"] = np.array([str(v) for v in batch[label_column]])
     if caption_column:
         out["caption"] = np.array([caption_text(v) for v in batch[caption_column]], dtype=object)
+    if "path" in batch:  # asked for by read_images(paths=True)
+        out["path"] = np.asarray(batch["path"])
     return out
 
 
-def _given(files: list[str], uri: str) -> list[str]:
+def given_paths(files: list[str], uri: str) -> list[str]:
     """Caller-chosen files as paths on `uri`'s filesystem (a scheme, if given, is dropped), in the given order."""
     if not files:
         raise StorageError(f"no files given to read from {redact(uri)!r}")
@@ -258,12 +264,16 @@ def read_images(
     caption_column: str | None = None,
     shuffle_seed: int | None = None,
     files: list[str] | None = None,
+    paths: bool = False,
+    read_tasks: int | None = None,
 ) -> ray.data.Dataset:
     """Open an image corpus as a stream of {image: bytes, key: str[, label: str][, caption: str]} rows.
 
     `source`: a URI, listed here, or a `Listing` of one (not listed again).
     `caption_column` set: image-text data (WebDataset `txt`/`json`, or that Parquet column).
-    `files` set: read exactly these (paths on the URI's filesystem, or URIs of its scheme) instead of listing it.
+    `files` set: read exactly these (paths on the URI's filesystem, or URIs of its scheme) instead of listing it;
+    `read_tasks`: by that many read tasks (each a run of consecutive files); `paths`: each row's source file in a
+    `path` column (as `given_paths` writes it), which tells apart the epochs of a multi-epoch read.
     """
     s3 = s3 or S3Settings.resolve()
     schemas: tuple[pa.Schema, ...] | None = None
@@ -271,7 +281,7 @@ def read_images(
     if files is not None:  # a training worker's part of an epoch: exactly those, in that order; uri names the store
         uri = source.uri if isinstance(source, Listing) else source
         fmt = source.fmt if isinstance(source, Listing) else fmt
-        fmt, files = _pick(_given(files, uri), fmt, uri)
+        fmt, files = _pick(given_paths(files, uri), fmt, uri)
     else:
         listing = _listing(source, fmt, s3)
         uri, fmt, files, schemas = listing.uri, listing.fmt, list(listing.files), listing.schemas
@@ -288,6 +298,8 @@ def read_images(
     # Not for an image folder, whose files are single images: Ray groups those into tasks itself.
     one_per_file = given and not rows_per_block and fmt != "images"
     blocks: dict[str, Any] = {"override_num_blocks": len(files)} if one_per_file else {}
+    if given and read_tasks:
+        blocks = {"override_num_blocks": read_tasks}
     whole: dict[str, Any] = {"batch_size": None}  # a batch size after a read stops the two from fusing
     ds: ray.data.Dataset
     if fmt == "images":
@@ -296,11 +308,12 @@ def read_images(
                              "a captions file with `raysl data shard SRC DST --captions captions.csv`")
         ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True, shuffle=shuffle)
         ds = ds.map_batches(_norm_folder,  # type: ignore[arg-type]
-                             fn_kwargs={"with_labels": with_labels}, batch_format="numpy", **whole)
+                             fn_kwargs={"with_labels": with_labels, "paths": paths}, batch_format="numpy", **whole)
     elif fmt == "webdataset":
-        ds = ray.data.read_webdataset(files, filesystem=fs, decoder=None, shuffle=shuffle, **blocks)
+        ds = ray.data.read_webdataset(files, filesystem=fs, decoder=None, shuffle=shuffle, include_paths=paths,
+                                      **blocks)
         ds = ds.map_batches(_norm_wds,  # type: ignore[arg-type]
-                             fn_kwargs={"with_labels": with_labels, "caption_field": caption_column},
+                             fn_kwargs={"with_labels": with_labels, "caption_field": caption_column, "paths": paths},
                              batch_format="numpy", **whole)
     else:
         schemas = schemas if schemas is not None else tuple(parquet_schemas(files, fs))
@@ -319,8 +332,9 @@ def read_images(
         _check_parquet(files, schemas, uri, required, image_column)
         key_col = "key" if "key" in cols else None
         wanted = list(dict.fromkeys(c for c in (image_column, lab, key_col, caption_column) if c))
+        wanted += ["path"] if paths else []
         # select_columns, not read_parquet(columns=…) (deprecated in Ray 2.60); the projection is pushed into the read
-        ds = _read_parquet_v1(files, fs, shuffle, **blocks).select_columns(wanted)
+        ds = _read_parquet_v1(files, fs, shuffle, include_paths=paths, **blocks).select_columns(wanted)
         ds = ds.map_batches(
             _norm_parquet,  # type: ignore[arg-type]
             fn_kwargs={"image_column": image_column, "label_column": lab, "key_column": key_col,

@@ -28,6 +28,8 @@ class Method(nn.Module, ABC):
     """One self-supervised method: a module whose forward returns at least {"loss": …}."""
 
     name: ClassVar[str]
+    # open_source can tag rows with their file (`paths`), so several epochs can share one execution
+    epoch_spans: ClassVar[bool] = True
     #: columns the source must offer (checked before any worker starts)
     required_columns: ClassVar[frozenset[str]] = frozenset({"image"})
     #: columns the view transform yields that the training loop feeds to forward()
@@ -78,22 +80,25 @@ class Method(nn.Module, ABC):
 
     @classmethod
     def open_source(cls, cfg: PretrainConfig, s3: S3Settings, files: list[str] | None = None,
-                    listing: Listing | None = None) -> tuple[ray.data.Dataset, dict[str, int]]:
+                    listing: Listing | None = None, *, paths: bool = False, read_tasks: int | None = None,
+                    ) -> tuple[ray.data.Dataset, dict[str, int]]:
         """The training stream before the view transform, and data-quality counts for MLflow (e.g. skipped
         boxes). Default: images (with captions or labels where the method requires them). `files` set: exactly
-        those, in that order (a worker's part of an epoch); unset: every file, in a seeded order. `listing`: what
-        `check_source` returned, used instead of listing the URI again."""
+        those, in that order (a worker's part of an epoch, or of several: raysl.train.span); unset: every file, in a
+        seeded order. `listing`: what `check_source` returned, used instead of listing the URI again. `paths`,
+        `read_tasks`: as `read_images` takes them (only where `epoch_spans`)."""
         d = cfg.data
         captions = d.caption_column if "caption" in cls.required_columns else None
         labels = "label" in cls.required_columns
         # A worker's own stream of several files needs no repartition: read, decode and views fuse into one task
         # per file, and the files spread over the CPUs (measured 20–30% faster than splitting each file's block
         # into 64-row blocks first). A stream of one or a few files is split, or it would decode on one CPU.
-        split = None if files is not None and len(files) >= FILES_WITHOUT_SPLIT else 64
+        split = None if files is not None and (len(files) >= FILES_WITHOUT_SPLIT or read_tasks) else 64
         ds = read_images(listing if listing is not None else d.uri, fmt=d.format, s3=s3,
                          image_column=d.image_column, limit=d.limit, shuffle_files=files is None, files=files,
                          caption_column=captions, with_labels=labels, rows_per_block=split,
-                         label_column=d.label_column if labels else None, shuffle_seed=cfg.train.seed)
+                         label_column=d.label_column if labels else None, shuffle_seed=cfg.train.seed,
+                         paths=paths, read_tasks=read_tasks)
         return ds, {}
 
     @abstractmethod

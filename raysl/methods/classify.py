@@ -76,14 +76,15 @@ class Classifier(Method):
 
     @classmethod
     def open_source(cls, cfg: PretrainConfig, s3: S3Settings, files: list[str] | None = None,
-                    listing: Listing | None = None) -> tuple[ray.data.Dataset, dict[str, int]]:
+                    listing: Listing | None = None, *, paths: bool = False, read_tasks: int | None = None,
+                    ) -> tuple[ray.data.Dataset, dict[str, int]]:
         """The labeled stream; with a labeled subset, only its rows, read once and repeated.
 
         A few-label subset makes an epoch a handful of steps, and every epoch of a Ray Data stream pays its
         start-up again (read, split, the first decode), which dominated such runs. Held in the object store (its
         encoded bytes only) and repeated so that one pass covers the run, the subset streams as one long epoch;
         augmentation still runs afresh on every repeat."""
-        ds, counts = super().open_source(cfg, s3, files, listing)
+        ds, counts = super().open_source(cfg, s3, files, listing, paths=paths, read_tasks=read_tasks)
         t = method_config(cfg, ClassifyConfig)
         if t.subset_uri is None:
             return ds, counts

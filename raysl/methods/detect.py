@@ -37,6 +37,7 @@ def check_categories(cfg: PretrainConfig, names: list[str], where: str) -> None:
 @register
 class Detector(Method):
     name = "detect"
+    epoch_spans = False  # COCO-joined rows, split by Ray Train (source_files is None)
     required_columns = frozenset({"image", "boxes", "labels"})
     batch_columns = ("image", "boxes", "labels", "num_boxes")
     export_full = True  # the whole detector is registered beside its encoder
@@ -84,7 +85,8 @@ class Detector(Method):
 
     @classmethod
     def open_source(cls, cfg: PretrainConfig, s3: S3Settings, files: list[str] | None = None,
-                    listing: Listing | None = None) -> tuple[ray.data.Dataset, dict[str, int]]:
+                    listing: Listing | None = None, *, paths: bool = False, read_tasks: int | None = None,
+                    ) -> tuple[ray.data.Dataset, dict[str, int]]:
         t = method_config(cfg, DetectConfig)
         ds, index = read_coco(cfg.data.uri, s3=s3, annotations=t.annotations, limit=cfg.data.limit)
         return ds, index.counts()

@@ -43,6 +43,7 @@ class VideoSource(Method):
 
     #: the method cannot learn from still images (DoRA tracks objects across a clip's frames)
     video_only: ClassVar[bool] = False
+    epoch_spans = False  # clips carry no source path (raysl.train.span): one execution per epoch
 
     @classmethod
     def check_source(cls, cfg: PretrainConfig, s3: S3Settings, listing: Listing | None = None) -> Listing | None:
@@ -67,7 +68,8 @@ class VideoSource(Method):
 
     @classmethod
     def open_source(cls, cfg: PretrainConfig, s3: S3Settings, files: list[str] | None = None,
-                    listing: Listing | None = None) -> tuple[ray.data.Dataset, dict[str, int]]:
+                    listing: Listing | None = None, *, paths: bool = False, read_tasks: int | None = None,
+                    ) -> tuple[ray.data.Dataset, dict[str, int]]:
         d = cfg.data
         if listing is None:
             listing = given_listing(d.uri, files) if files else list_source(d.uri, d.format, s3)
@@ -77,7 +79,7 @@ class VideoSource(Method):
         elif is_clip_shards(listing, s3):
             ds = read_clip_shards(files if files is not None else list(listing.files), listing.uri, s3)
         else:
-            return super().open_source(cfg, s3, files, listing)
+            return super().open_source(cfg, s3, files, listing, paths=paths, read_tasks=read_tasks)
         if d.limit:
             ds = ds.limit(d.limit)
         counts: dict[str, Any] = {}

@@ -65,6 +65,9 @@ class WorkerStream:
         self._skip = self.position.batches  # batches of the resumed epoch to step over
         self._it: Iterator[dict[str, Any]] | None = None
         self._index = 0  # batches drawn from the current epoch's iterator (before striding)
+        follow = getattr(open_epoch, "follow", None)  # a SpanReader reads the epochs to come in one execution
+        if follow is not None:
+            follow(lambda epoch: epoch_files(files, seed, epoch, rank, world)[0])
 
     def _open(self) -> None:
         part, self._stride = epoch_files(self.files, self.seed, self.position.epoch, self.rank, self.world)
@@ -255,31 +258,59 @@ class Slices:
 
     def __call__(self, block: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         n = len(next(iter(block.values()))) if block else 0
+        path = block.pop("path", None)  # each row's file (raysl.train.span): around the transform, not through it
         for i in range(0, n, self.rows):
-            yield self.transform({k: v[i:i + self.rows] for k, v in block.items()})
+            out = self.transform({k: v[i:i + self.rows] for k, v in block.items()})
+            if path is not None:
+                if len(next(iter(out.values()))) != min(self.rows, n - i):
+                    raise ValueError("a view transform that adds or drops rows cannot read several epochs at once "
+                                     "(set epoch_spans = False on its method)")
+                out["path"] = path[i:i + self.rows]
+            yield out
 
 
 def epoch_reader(cfg: PretrainConfig, batch_size: int, rank: int, world: int
-                  ) -> Callable[[list[str], int], Iterator[dict[str, Any]]]:
+                 ) -> Callable[[list[str], int], Iterator[dict[str, Any]]]:
     """`(files, epoch) → batches`: this worker's own Ray Data stream over `files`, order preserved and the local
-    shuffle seeded by (seed, epoch, rank), so the same epoch replays the same batches."""
+    shuffle seeded by (seed, epoch, rank), so the same epoch replays the same batches. Where the method allows
+    (`epoch_spans`) it is a raysl.train.span.SpanReader, which reads several small epochs in one execution."""
 
+    import ray
+
+    from raysl.data.sources import given_paths
     from raysl.storage import S3Settings
+    from raysl.train.span import SpanReader
 
     method_cls = get_method(cfg.method.name)
     s3 = S3Settings.resolve(cfg.s3.endpoint_url, cfg.s3.region)
     data_defaults()  # in this worker's process: its epoch datasets are made here
     if cfg.data.limit:  # data.limit is for the whole run: each worker reads its part of it
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"limit": -(-cfg.data.limit // world)})})
+    view = method_cls.view_transform(cfg)
+
+    def seed_of(epoch: int) -> int:
+        return (cfg.train.seed * 1_000_003 + epoch) * 1009 + rank
+
+    def transformed(ds: Any) -> Any:
+        # whole blocks in, 64 rows at a time inside: a batch size here would stop it fusing with the read
+        ds = ds.map_batches(Slices(view, 64), batch_size=None, batch_format="numpy")
+        ds.context.execution_options.preserve_order = True
+        return ds
 
     def open_epoch(files: list[str], epoch: int) -> Iterator[dict[str, Any]]:
         ds, _ = method_cls.open_source(cfg, s3, files=files)
-        # whole blocks in, 64 rows at a time inside: a batch size here would stop it fusing with the read
-        ds = ds.map_batches(Slices(method_cls.view_transform(cfg), 64), batch_size=None, batch_format="numpy")
-        ds.context.execution_options.preserve_order = True
-        return iter(ds.iter_torch_batches(
+        return iter(transformed(ds).iter_torch_batches(
             batch_size=batch_size, drop_last=True, collate_fn=NumpyCollate(), prefetch_batches=2,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=(cfg.train.seed * 1_000_003 + epoch) * 1009 + rank))
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None, local_shuffle_seed=seed_of(epoch)))
 
-    return open_epoch
+    if not method_cls.epoch_spans or cfg.data.limit:  # a limit counts rows of the whole read, not of each epoch
+        return open_epoch
+
+    def open_blocks(files: list[str], read_tasks: int | None) -> Iterator[dict[str, Any]]:
+        ds, _ = method_cls.open_source(cfg, s3, files=files, paths=True, read_tasks=read_tasks)
+        return iter(transformed(ds).iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
+
+    limit = ray.data.DataContext.get_current().execution_options.resource_limits.cpu
+    cpus = int(limit if limit is not None and limit != float("inf") else ray.cluster_resources().get("CPU", 1))
+    return SpanReader(open_blocks, batch_size, cfg.data.shuffle_buffer, seed_of, NumpyCollate(), cpus,
+                      lambda files: given_paths(files, cfg.data.uri))

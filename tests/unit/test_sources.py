@@ -113,5 +113,5 @@ def test_given_files_are_read_instead_of_listing_the_uri(tmp_path: Path, no_ray:
     assert isinstance(auto, _Lazy) and auto.files == [str(paths[1])]
     with pytest.raises(sources.StorageError, match="no files given"):
         read_images(str(tmp_path), files=[])
-    assert sources._given(["s3://bucket/a/b.tar", "bucket/a/c.tar"], "s3://bucket/a") == ["bucket/a/b.tar",
+    assert sources.given_paths(["s3://bucket/a/b.tar", "bucket/a/c.tar"], "s3://bucket/a") == ["bucket/a/b.tar",
                                                                                            "bucket/a/c.tar"]

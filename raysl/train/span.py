@@ -1,0 +1,247 @@
+"""Several epochs of a worker's stream read by one Ray Data execution ("a span").
+
+Each Ray Data execution has a fixed cost (planning, its coordinator and stats actors, the first tasks' start, the
+last tasks' tail on idle CPUs): 0.25–0.4 CPU-seconds on 2 cores, a third of an epoch of 1,000 CIFAR images (issue
+12 note). A worker whose epochs are small (many workers, or a small corpus) paid it every epoch. A span reads the
+files of epochs e, e+1, … e+K-1 (each epoch's own seeded order, `WorkerStream`'s plan) as one ordered read, its
+small files grouped into fewer tasks; every row carries its source file's path, so the rows are split back into
+epochs by walking the planned file sequence, and raysl batches each epoch itself: a local shuffle seeded by
+(seed, epoch, rank) whose output depends only on the epoch's row order, so an epoch read inside a span and the
+same epoch read alone after a restart give the same batches, and the last partial batch of each epoch is dropped.
+A span stops before an epoch that opens with the file the previous one closed with (the two could not be told
+apart). Methods whose source is not a plain file list (video clips, detection) keep one execution per epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SPAN_FILES = 64  # a span covers at least this many files when the epochs are small (capped by MAX_SPAN_EPOCHS)
+MAX_SPAN_EPOCHS = 8
+MIN_FILES = 4  # fewer files per epoch: one execution per epoch (each file is split across the CPUs instead)
+TASKS_PER_CPU = 4  # read tasks of a span per CPU: fewer, larger tasks than one per small file, enough to balance
+Batch = dict[str, Any]
+Plan = Callable[[int], list[str]]
+
+
+def span_epochs(plan: Plan, start: int, n_files: int) -> int:
+    """How many epochs from `start` one execution reads: enough to cover SPAN_FILES files, at most
+    MAX_SPAN_EPOCHS, and never across an epoch that opens with the file its predecessor closed with."""
+    if n_files < MIN_FILES:
+        return 1
+    want = min(MAX_SPAN_EPOCHS, math.ceil(SPAN_FILES / n_files))
+    k, last = 1, plan(start)[-1]
+    while k < want:
+        nxt = plan(start + k)
+        if not nxt or nxt[0] == last:
+            break
+        k, last = k + 1, nxt[-1]
+    return k
+
+
+class EpochBatcher:
+    """One epoch's rows → shuffled full batches, drawn at random from a buffer of `buffer_rows + batch_size` rows;
+    the partial batch left at the end is dropped. The output depends only on the rows' order and the seed, not on
+    how the rows arrive in blocks (each draw happens at a fixed row count)."""
+
+    def __init__(self, batch_size: int, buffer_rows: int, rng: np.random.Generator) -> None:
+        self.bs, self.cap, self.rng = batch_size, batch_size + max(0, buffer_rows), rng
+        self.buf: dict[str, np.ndarray] = {}
+        self.filled = 0
+
+    def _alloc(self, rows: Batch) -> None:
+        for k, v in rows.items():
+            v = np.asarray(v)
+            # strings go into an object buffer: a fixed-width one would cut longer strings of later blocks
+            dtype = object if v.dtype.kind in "OUS" else v.dtype
+            self.buf[k] = np.empty((self.cap, *v.shape[1:]), dtype=dtype)
+
+    def add(self, rows: Batch) -> Iterator[Batch]:
+        n = len(next(iter(rows.values()))) if rows else 0
+        if n and not self.buf:
+            self._alloc(rows)
+        at = 0
+        while at < n:
+            take = min(n - at, self.cap - self.filled)
+            for k, v in rows.items():
+                self.buf[k][self.filled:self.filled + take] = np.asarray(v)[at:at + take]
+            self.filled, at = self.filled + take, at + take
+            if self.filled == self.cap:
+                yield self._draw()
+
+    def _draw(self) -> Batch:
+        idx = np.sort(self.rng.choice(self.cap, self.bs, replace=False))
+        out = {k: v[idx] for k, v in self.buf.items()}
+        keep = self.cap - self.bs  # rows past `keep` that were not drawn move into the drawn slots below it
+        holes = idx[idx < keep]
+        movers = np.setdiff1d(np.arange(keep, self.cap), idx, assume_unique=True)
+        for v in self.buf.values():
+            v[holes] = v[movers]
+        self.filled = keep
+        return out
+
+    def finish(self) -> Iterator[Batch]:
+        order = self.rng.permutation(self.filled)
+        for i in range(0, self.filled - self.bs + 1, self.bs):
+            yield {k: v[order[i:i + self.bs]] for k, v in self.buf.items()}
+        self.buf, self.filled = {}, 0
+
+
+class EpochSplitter:
+    """Tags the rows of an ordered multi-epoch read with their epoch by walking the planned file sequence."""
+
+    def __init__(self, epochs: list[tuple[int, list[str]]]) -> None:
+        self.seq = [(e, f) for e, files in epochs for f in files]
+        self.at = 0
+
+    def split(self, paths: np.ndarray) -> Iterator[tuple[int, int, int]]:
+        """(epoch, first row, end row) runs of a block's rows, in order."""
+        n = len(paths)
+        cuts = [0, *(np.flatnonzero(paths[1:] != paths[:-1]) + 1).tolist(), n]
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            path = str(paths[a])
+            while self.at < len(self.seq) and self.seq[self.at][1] != path:
+                self.at += 1  # a file of the plan that yielded no rows
+            if self.at == len(self.seq):
+                raise RuntimeError(f"span read: a row of {path!r} came after the planned files (rows out of order)")
+            yield self.seq[self.at][0], a, b
+
+
+_END = object()
+
+
+class Span:
+    """One execution over `epochs` [(epoch, files)], batched per epoch on a thread, a few batches ahead."""
+
+    def __init__(self, blocks: Iterator[Batch], epochs: list[tuple[int, list[str]]],
+                 batcher: Callable[[int], EpochBatcher], collate: Callable[[Batch], Batch], ahead: int = 2) -> None:
+        self.epochs = epochs
+        self.next_epoch = epochs[0][0]
+        self._q: queue.Queue[tuple[int, Any]] = queue.Queue(maxsize=ahead)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(blocks, batcher, collate), daemon=True,
+                                        name="raysl-span")
+        self._thread.start()
+
+    def files(self, epoch: int) -> list[str] | None:
+        return next((f for e, f in self.epochs if e == epoch), None)
+
+    def _put(self, item: tuple[int, Any]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, blocks: Iterator[Batch], batcher: Callable[[int], EpochBatcher],
+             collate: Callable[[Batch], Batch]) -> None:
+        splitter = EpochSplitter(self.epochs)
+        current, b = self.epochs[0][0], batcher(self.epochs[0][0])
+        try:
+            for block in blocks:
+                paths = np.asarray(block.pop("path"))
+                for epoch, lo, hi in splitter.split(paths):
+                    while current < epoch:  # the rows moved on: the earlier epoch is complete
+                        for out in b.finish():
+                            if not self._put((current, collate(out))):
+                                return
+                        if not self._put((current, _END)):
+                            return
+                        current += 1
+                        b = batcher(current)
+                    for out in b.add({k: v[lo:hi] for k, v in block.items()}):
+                        if not self._put((epoch, collate(out))):
+                            return
+            for epoch, _ in self.epochs:  # the read is over: the epochs from `current` on end here
+                if epoch < current:
+                    continue
+                if epoch > current:
+                    b = batcher(epoch)
+                for out in b.finish():
+                    if not self._put((epoch, collate(out))):
+                        return
+                if not self._put((epoch, _END)):
+                    return
+        except BaseException as exc:  # handed to the consumer, who raises it in the training loop
+            self._put((current, exc))
+
+    def read(self, epoch: int) -> Iterator[Batch]:
+        """The batches of `epoch` (this span's next one; batches of an earlier, abandoned epoch are skipped)."""
+        self.next_epoch = epoch + 1
+        return self._batches(epoch)
+
+    def _batches(self, epoch: int) -> Iterator[Batch]:
+        while True:
+            e, item = self._q.get()
+            if isinstance(item, BaseException):
+                raise item
+            if e < epoch:
+                continue
+            if item is _END:
+                return
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class SpanReader:
+    """`(files, epoch) → batches of that epoch`, reading several epochs per execution where `follow` gave it the
+    plan of the epochs to come (`WorkerStream` does); without a plan, one execution per epoch.
+
+    `open_blocks(files, read_tasks)`: the ordered Ray Data blocks of those files (with a `path` column), read by
+    `read_tasks` tasks (None: the reader's own split); `seed_of(epoch)`: the epoch's shuffle seed."""
+
+    def __init__(self, open_blocks: Callable[[list[str], int | None], Iterator[Batch]], batch_size: int,
+                 buffer_rows: int, seed_of: Callable[[int], int], collate: Callable[[Batch], Batch], cpus: int,
+                 normalize: Callable[[list[str]], list[str]]) -> None:
+        self.open_blocks, self.batch_size, self.buffer_rows = open_blocks, batch_size, buffer_rows
+        self.seed_of, self.collate, self.normalize = seed_of, collate, normalize
+        self.max_tasks = TASKS_PER_CPU * max(1, cpus)
+        self.plan: Plan | None = None
+        self._span: Span | None = None
+
+    def follow(self, plan: Plan) -> None:
+        """The files this worker reads in each epoch (`WorkerStream`'s partition), so a span can read ahead."""
+        self.plan = plan
+
+    def __call__(self, files: list[str], epoch: int) -> Iterator[Batch]:
+        span = self._span
+        if span is None or span.next_epoch != epoch or span.files(epoch) != self.normalize(files):
+            if span is not None:
+                span.close()
+            span = self._span = self._start(files, epoch)
+        return span.read(epoch)
+
+    def _start(self, files: list[str], epoch: int) -> Span:
+        plan = self.plan
+        k = 1 if plan is None else span_epochs(lambda e: files if e == epoch else plan(e), epoch, len(files))
+        epochs = [(epoch, self.normalize(files))]
+        epochs += [(e, self.normalize(plan(e))) for e in range(epoch + 1, epoch + k)] if plan is not None else []
+        every = [f for _, fs in epochs for f in fs]
+        if len(files) < MIN_FILES:
+            tasks = None  # few files: the reader splits them across the CPUs itself
+        else:
+            tasks = len(every) if k == 1 else min(len(every), self.max_tasks)
+        log.debug("span: epochs %d-%d, %d files, %s read tasks", epoch, epoch + k - 1, len(every), tasks)
+
+        def batcher(e: int) -> EpochBatcher:
+            return EpochBatcher(self.batch_size, self.buffer_rows, np.random.default_rng(self.seed_of(e)))
+
+        return Span(self.open_blocks(every, tasks), epochs, batcher, self.collate)
+
+    def close(self) -> None:
+        if self._span is not None:
+            self._span.close()
+            self._span = None

@@ -1,0 +1,144 @@
+"""Several epochs per execution (raysl.train.span): rows split back into their epochs, batches that do not depend
+on how the rows arrive or on which span an epoch was read in, and errors that reach the consumer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from raysl.train.span import MAX_SPAN_EPOCHS, EpochBatcher, EpochSplitter, SpanReader, span_epochs
+from raysl.train.stream import Position, WorkerStream, epoch_files
+
+ROWS = {f"f{i}": 10 + i for i in range(8)}  # file → rows in it
+FILES = sorted(ROWS)
+
+
+def rows_of(files: list[str]) -> Iterator[tuple[str, int]]:
+    for f in files:
+        for j in range(ROWS[f]):
+            yield f, j
+
+
+def fake_blocks(calls: list[tuple[list[str], int | None]], block_rows: int = 7, fail_after: int | None = None):  # type: ignore[no-untyped-def]
+    """What a Ray Data execution hands a span: ordered blocks with a `path` column, cut at `block_rows` rows
+    regardless of file boundaries (as grouped read tasks do)."""
+    def open_blocks(files: list[str], read_tasks: int | None) -> Iterator[dict[str, Any]]:
+        calls.append((list(files), read_tasks))
+        rows = list(rows_of(files))
+        for i in range(0, len(rows), block_rows):
+            if fail_after is not None and i >= fail_after:
+                raise OSError("connection cut")
+            part = rows[i:i + block_rows]
+            yield {"path": np.array([f for f, _ in part], dtype=object),
+                   "key": np.array([f"{f}/{j}" for f, j in part]),
+                   "x": np.array([[ROWS[f], j] for f, j in part], dtype=np.int64)}
+    return open_blocks
+
+
+def reader(calls: list[Any], batch: int = 8, buffer: int = 16, **kw: Any) -> SpanReader:
+    return SpanReader(fake_blocks(calls, **kw), batch, buffer, seed_of=lambda e: 1000 + e, collate=lambda b: b,
+                      cpus=2, normalize=lambda files: list(files))
+
+
+def epoch_keys(batches: Iterator[dict[str, Any]]) -> list[list[str]]:
+    return [b["key"].tolist() for b in batches]
+
+
+def test_batcher_output_depends_on_row_order_not_on_blocks() -> None:
+    rows = {"k": np.arange(101), "v": np.arange(101) * 2.0}
+
+    def run(cuts: list[int]) -> list[list[int]]:
+        b = EpochBatcher(16, 40, np.random.default_rng(5))
+        out: list[dict[str, Any]] = []
+        for lo, hi in zip([0, *cuts], [*cuts, 101], strict=True):
+            out += b.add({k: v[lo:hi] for k, v in rows.items()})
+        out += b.finish()
+        assert all(np.array_equal(o["v"], o["k"] * 2.0) for o in out)  # columns stay aligned
+        return [o["k"].tolist() for o in out]
+
+    one = run([])
+    assert run([3, 50, 51, 99]) == one == run(list(range(1, 101)))
+    assert len(one) == 101 // 16 and all(len(b) == 16 for b in one)  # drop_last
+    flat = sum(one, [])
+    assert len(set(flat)) == len(flat)  # no row twice
+    assert flat != sorted(flat)  # shuffled
+    assert max(flat[:16]) < 16 + 40  # a draw only sees the rows that reached the buffer
+
+
+def test_batcher_keeps_long_strings_of_later_blocks() -> None:
+    b = EpochBatcher(2, 0, np.random.default_rng(0))
+    out = list(b.add({"key": np.array(["a"])})) + list(b.add({"key": np.array(["a-much-longer-key"])}))
+    assert sorted(out[0]["key"].tolist()) == ["a", "a-much-longer-key"]
+
+
+def test_splitter_walks_the_plan_and_skips_files_without_rows() -> None:
+    s = EpochSplitter([(3, ["a", "b", "c"]), (4, ["c2", "a", "b"])])
+    assert list(s.split(np.array(["a", "a", "c", "c2"]))) == [(3, 0, 2), (3, 2, 3), (4, 3, 4)]  # b had no rows
+    assert list(s.split(np.array(["a", "b"]))) == [(4, 0, 1), (4, 1, 2)]
+    with pytest.raises(RuntimeError, match="out of order"):
+        list(s.split(np.array(["a"])))
+
+
+def test_span_length_and_its_stop_at_a_repeated_boundary_file() -> None:
+    def plan(e: int) -> list[str]:
+        return [f"{e}-{i}" for i in range(8)]
+
+    assert span_epochs(plan, 0, 8) == MAX_SPAN_EPOCHS
+    assert span_epochs(plan, 0, 3) == 1  # too few files: one execution per epoch
+    big = [f"x{i}" for i in range(64)]
+    assert span_epochs(lambda e: big, 0, 64) == 1  # a big epoch is its own execution
+    assert span_epochs(lambda e: ["a", "b", "c", "d"] if e % 2 == 0 else ["d", "c", "b", "a"], 0, 4) == 1
+
+
+def test_epochs_of_a_span_are_the_epochs_read_alone() -> None:
+    def plan(e: int) -> list[str]:
+        return epoch_files(FILES, 7, e, 0, 1)[0]
+
+    calls: list[Any] = []
+    spanning = reader(calls)
+    spanning.follow(plan)
+    together = [epoch_keys(spanning(plan(e), e)) for e in range(5)]
+    assert len(calls) == 1 and calls[0][0] == sum((plan(e) for e in range(MAX_SPAN_EPOCHS)), [])
+    assert calls[0][1] is not None and calls[0][1] < len(calls[0][0])  # small files grouped into fewer tasks
+    for e in range(5):
+        alone = epoch_keys(reader([], block_rows=5)(plan(e), e))  # no plan: one epoch, other blocks
+        assert together[e] == alone
+        keys = sum(together[e], [])
+        assert len(keys) == len(set(keys)) == (sum(ROWS.values()) // 8) * 8  # every batch full, none repeated
+        assert {k.split("/")[0] for k in keys} <= set(FILES)
+    assert together[0] != together[1]  # each epoch its own order and shuffle
+
+
+def test_worker_stream_resumes_inside_a_span_exactly() -> None:
+    def stream(start: Any = None) -> WorkerStream:
+        return WorkerStream(reader([]), FILES, seed=3, rank=0, world=1, start=start)
+
+    whole = [next(s)["key"].tolist() for s in [stream()] for _ in range(60)]
+    first = stream()
+    seen = [next(first)["key"].tolist() for _ in range(37)]  # 13 batches an epoch: inside the third
+    assert first.position == Position(2, 11)
+    again = stream(start=first.position)
+    assert seen + [next(again)["key"].tolist() for _ in range(23)] == whole
+
+
+def test_a_read_error_reaches_the_consumer() -> None:
+    r = reader([], fail_after=20)
+    with pytest.raises(OSError, match="connection cut"):
+        list(r(FILES, 0))
+
+
+def test_a_new_plan_or_an_out_of_turn_epoch_starts_a_new_span() -> None:
+    calls: list[Any] = []
+    r = reader(calls)
+    r.follow(lambda e: FILES)
+    list(r(FILES, 0))
+    list(r(FILES, 1))
+    assert len(calls) == 1  # epoch 1 came from the first span
+    list(r(FILES, 5))  # not the span's next epoch
+    assert len(calls) == 2
+    list(r(FILES[::-1], 6))  # other files than planned
+    assert len(calls) == 3
+    r.close()
