@@ -2,7 +2,8 @@
 measured side by side in one run and reported as ratios (> 1: Ray Data faster).
 
 The Ray side is what a training worker runs: `epoch_reader(cfg, batch_size, rank=0, world=1)` over
-`data_files(uri)`, one epoch per pass, Ray Data limited to `--workers` CPUs. Against it, on the same cores:
+`data_files(uri)` in `WorkerStream`'s seeded per-epoch file order, Ray Data limited to `--workers` CPUs; it reads
+several small epochs per execution (raysl.train.span). Against it, on the same cores:
 1. a hand-tuned DataLoader running the same transform (`BYOL.view_transform(cfg)`) on the same shards'
    bytes, a whole batch per `__getitems__` call (raysl.bench.baselines.ShardRows);
 2. the DataLoader a user writes without raysl: per-sample PIL decode of the JPEG files and torchvision v2
@@ -11,10 +12,12 @@ and with `--s3`, the Ray side reading the same shards from a local moto S3 serve
 
 Two image kinds: `cifar` (32×32 JPEGs, 32 px views) and `imagenet` (generated ~500×375 JPEGs of ~110 KB,
 224 px views), each at every `--images` size, from Parquet and WebDataset shards made by `raysl data shard`.
-Start-up: the first pass of each side, timed from building its pipeline (Ray initialised, its workers and the
-DataLoaders' forkserver warm). Steady: `--rounds` full passes after that first one, the sides in turn (order
-rotated each round); `ratio` divides the best pass of each side, `median_paired_ratio` the per-round ratios.
-img/s counts every image of the corpus (the training reader transforms the last partial batch, then drops it).
+A pass is as many epochs as the training reader reads in one execution (`epochs_per_pass`; the user's DataLoader:
+one), so no execution runs on while another side is timed. Start-up: from building a side's pipeline to the end of
+its first epoch (Ray initialised, its workers and the DataLoaders' forkserver warm). Steady: `--rounds` passes after
+that first one, the sides in turn (order rotated each round); `ratio` divides the best pass of each side,
+`median_paired_ratio` the per-round ratios. img/s counts every image of each epoch (the training reader transforms
+the last partial batch, then drops it).
 """
 
 from __future__ import annotations
@@ -126,7 +129,7 @@ def _measure(folder: Path, kind: str, n: int, args: argparse.Namespace, formats:
         sides[f"{fmt}/dataloader"] = LoaderSide(hand_tuned(fmt), n, k)
         if fmt in s3_uris:
             sides[f"{fmt}/s3/ray"] = RaySide(s3_uris[fmt], px, bs, n, k)
-    sides["user_dataloader"] = LoaderSide(user, n, k)
+    sides["user_dataloader"] = LoaderSide(user, n, 1)  # 3× slower: a pass of one epoch is long enough
     try:
         for name, side in sides.items():
             side.first()
@@ -212,7 +215,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     s3_uris = _upload(folder, f"{kind}-{n}", formats) if moto is not None else {}
                     sides = _measure(folder, kind, n, args, formats, s3_uris)
                     results.update(_results(kind, n, sides, formats))
-                    data[f"{kind}/{n}"] = {**info, "batch_size": min(args.batch_size, n)}
+                    data[f"{kind}/{n}"] = {**info, "batch_size": min(args.batch_size, n),
+                                           "epochs_per_pass": pass_epochs(folder, formats)}
                     raw[f"{kind}/{n}"] = {k: {"startup_s": round(s.startup_s, 2), "images_delivered": s.delivered,
                                               "rounds_img_s": [round(x, 1) for x in s.rates],
                                               "cpu_s_per_1000_images": s.cpu_per_1000()}
@@ -230,16 +234,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "s3": bool(args.s3), "batch_size": args.batch_size, "cpu_workers_each_side": args.workers,
             "rounds": args.rounds, "seed": args.seed, "data": data,
             "ray_side": "raysl.train.stream.epoch_reader(cfg, batch_size, rank=0, world=1) over "
-                        "raysl.data.sources.data_files(uri), one epoch per pass; Ray Data CPU limit = workers",
+                        "raysl.data.sources.data_files(uri) in WorkerStream's per-epoch file order, several small "
+                        "epochs per execution (raysl.train.span); Ray Data CPU limit = workers",
             "same_transform_dataloader": "BYOL.view_transform(cfg) on the same shards' bytes, one call per "
                                          "batch (__getitems__), shuffled, persistent forkserver workers",
             "user_dataloader": "JPEG files, per-sample full PIL decode, torchvision v2 RandomResizedCrop(0.08-1) "
                                "+ flip + ColorJitter(0.4,0.4,0.2,0.1) p0.8 + grayscale 0.2 + blur p1.0/0.1 + "
                                "solarize p0/0.2 + PILToTensor, two views, default collate",
-            "startup": "first pass of each side, timed from building its pipeline; Ray initialised, Ray workers "
+            "startup": "first epoch of each side, timed from building its pipeline; Ray initialised, Ray workers "
                        "and the DataLoaders' forkserver warm; ratio = baseline seconds / Ray seconds",
-            "steady": "full passes after the start-up pass, sides in turn (order rotated each round); img/s = "
-                      "corpus images / pass seconds",
+            "steady": "passes of epochs_per_pass epochs (user DataLoader: 1) after the start-up pass, sides in "
+                      "turn (order rotated each round); img/s = corpus images × epochs / pass seconds",
             "cpu_s_per_1000_images": "median over the steady passes of CPU seconds used on this machine while "
                                      "the side ran, per 1,000 images, by process group (raysl.bench.common."
                                      f"cpu_seconds): {', '.join(CPU_GROUPS)}",

@@ -140,6 +140,9 @@ def _train(loop_cfg: dict[str, Any], rank: int, world: int) -> None:
         _loop(cfg, loop_cfg, rank, world, *state)
     except (DataQualityError, NonFiniteLossError) as exc:
         raise FatalError(str(exc)) from exc
+    finally:
+        if state[7] is not None:  # the WorkerStream: its read-ahead stops with the run
+            state[7].close()
 
 
 def _setup(cfg: PretrainConfig, loop_cfg: dict[str, Any], rank: int, world: int) -> tuple[Any, ...]:

@@ -3,13 +3,15 @@
 Each Ray Data execution has a fixed cost (planning, its coordinator and stats actors, the first tasks' start, the
 last tasks' tail on idle CPUs): 0.25–0.4 CPU-seconds on 2 cores, a third of an epoch of 1,000 CIFAR images (issue
 12 note). A worker whose epochs are small (many workers, or a small corpus) paid it every epoch. A span reads the
-files of epochs e, e+1, … e+K-1 (each epoch's own seeded order, `WorkerStream`'s plan) as one ordered read, its
-small files grouped into fewer tasks; every row carries its source file's path, so the rows are split back into
-epochs by walking the planned file sequence, and raysl batches each epoch itself: a local shuffle seeded by
-(seed, epoch, rank) whose output depends only on the epoch's row order, so an epoch read inside a span and the
-same epoch read alone after a restart give the same batches, and the last partial batch of each epoch is dropped.
-A span stops before an epoch that opens with the file the previous one closed with (the two could not be told
-apart). Methods whose source is not a plain file list (video clips, detection) keep one execution per epoch.
+files of epochs e, e+1, … e+K-1 (each epoch's own seeded order, `WorkerStream`'s plan) as one ordered read. Small
+files are grouped into read tasks of about TASK_ROWS rows; rows per file are learned from the worker's previous
+span, so the first span reads a task per file and its first batches come as soon as one file is read. Every row
+carries its source file's path, so the rows are split back into epochs by walking the planned file sequence, and
+raysl batches each epoch itself: a local shuffle seeded by (seed, epoch, rank) whose output depends only on the
+epoch's row order, so an epoch read inside a span and the same epoch read alone after a restart give the same
+batches, and the last partial batch of each epoch is dropped. A span stops before an epoch that opens with the file
+the previous one closed with (the two reads could not be told apart; `epoch_files` orders epochs so that this does
+not happen). Methods whose source is not a plain file list (video clips, detection) keep one execution per epoch.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 SPAN_FILES = 64  # a span covers at least this many files when the epochs are small (capped by MAX_SPAN_EPOCHS)
 MAX_SPAN_EPOCHS = 8
 MIN_FILES = 4  # fewer files per epoch: one execution per epoch (each file is split across the CPUs instead)
-TASKS_PER_CPU = 4  # read tasks of a span per CPU: fewer, larger tasks than one per small file, enough to balance
+TASK_ROWS = 1000  # rows per read task once the files are known to be smaller (learned from the previous span)
 Batch = dict[str, Any]
 Plan = Callable[[int], list[str]]
 
@@ -102,10 +104,12 @@ class EpochSplitter:
     def __init__(self, epochs: list[tuple[int, list[str]]]) -> None:
         self.seq = [(e, f) for e, files in epochs for f in files]
         self.at = 0
+        self.rows = 0  # rows seen so far, and of how many planned files (`at + 1`)
 
     def split(self, paths: np.ndarray) -> Iterator[tuple[int, int, int]]:
         """(epoch, first row, end row) runs of a block's rows, in order."""
         n = len(paths)
+        self.rows += n
         cuts = [0, *(np.flatnonzero(paths[1:] != paths[:-1]) + 1).tolist(), n]
         for a, b in zip(cuts[:-1], cuts[1:], strict=True):
             path = str(paths[a])
@@ -128,9 +132,15 @@ class Span:
         self.next_epoch = epochs[0][0]
         self._q: queue.Queue[tuple[int, Any]] = queue.Queue(maxsize=ahead)
         self._stop = threading.Event()
+        self.splitter = EpochSplitter(epochs)
         self._thread = threading.Thread(target=self._run, args=(blocks, batcher, collate), daemon=True,
                                         name="raysl-span")
         self._thread.start()
+
+    def rows_per_file(self) -> float | None:
+        """Rows per file over the files read so far (None before the first row)."""
+        s = self.splitter
+        return s.rows / (s.at + 1) if s.rows else None
 
     def files(self, epoch: int) -> list[str] | None:
         return next((f for e, f in self.epochs if e == epoch), None)
@@ -146,7 +156,7 @@ class Span:
 
     def _run(self, blocks: Iterator[Batch], batcher: Callable[[int], EpochBatcher],
              collate: Callable[[Batch], Batch]) -> None:
-        splitter = EpochSplitter(self.epochs)
+        splitter = self.splitter
         current, b = self.epochs[0][0], batcher(self.epochs[0][0])
         try:
             for block in blocks:
@@ -175,6 +185,10 @@ class Span:
                     return
         except BaseException as exc:  # handed to the consumer, who raises it in the training loop
             self._put((current, exc))
+        finally:
+            close = getattr(blocks, "close", None)  # ends the Ray Data execution now, not when collected
+            if close is not None:
+                close()
 
     def read(self, epoch: int) -> Iterator[Batch]:
         """The batches of `epoch` (this span's next one; batches of an earlier, abandoned epoch are skipped)."""
@@ -208,7 +222,8 @@ class SpanReader:
                  normalize: Callable[[list[str]], list[str]]) -> None:
         self.open_blocks, self.batch_size, self.buffer_rows = open_blocks, batch_size, buffer_rows
         self.seed_of, self.collate, self.normalize = seed_of, collate, normalize
-        self.max_tasks = TASKS_PER_CPU * max(1, cpus)
+        self.min_tasks = 2 * max(1, cpus)
+        self.rows_per_file: float | None = None  # learned from the previous span
         self.plan: Plan | None = None
         self._span: Span | None = None
 
@@ -220,6 +235,7 @@ class SpanReader:
         span = self._span
         if span is None or span.next_epoch != epoch or span.files(epoch) != self.normalize(files):
             if span is not None:
+                self.rows_per_file = span.rows_per_file() or self.rows_per_file
                 span.close()
             span = self._span = self._start(files, epoch)
         return span.read(epoch)
@@ -230,10 +246,12 @@ class SpanReader:
         epochs = [(epoch, self.normalize(files))]
         epochs += [(e, self.normalize(plan(e))) for e in range(epoch + 1, epoch + k)] if plan is not None else []
         every = [f for _, fs in epochs for f in fs]
+        tasks: int | None = len(every)  # a task per file, unless the files are known to be small
         if len(files) < MIN_FILES:
             tasks = None  # few files: the reader splits them across the CPUs itself
-        else:
-            tasks = len(every) if k == 1 else min(len(every), self.max_tasks)
+        elif k > 1 and self.rows_per_file is not None:
+            tasks = max(min(self.min_tasks, len(every)), math.ceil(self.rows_per_file * len(every) / TASK_ROWS))
+            tasks = min(tasks, len(every))
         log.debug("span: epochs %d-%d, %d files, %s read tasks", epoch, epoch + k - 1, len(every), tasks)
 
         def batcher(e: int) -> EpochBatcher:

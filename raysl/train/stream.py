@@ -46,7 +46,18 @@ class Position:
 
 def epoch_files(files: list[str], seed: int, epoch: int, rank: int, world: int) -> tuple[list[str], int]:
     """(files this worker reads in `epoch`, batch stride): a seeded permutation of the whole list, files
-    `rank::world` of it; with fewer files than workers every worker reads all and keeps every world-th batch."""
+    `rank::world` of it; with fewer files than workers every worker reads all and keeps every world-th batch.
+    An epoch never opens with the file the worker's previous epoch closed with (its first two files swap): several
+    epochs are read as one stream (raysl.train.span), and two reads of one file back to back could not be told
+    apart. The swap never moves an epoch's last file, so each epoch's order depends on its own and the previous
+    epoch's permutation only."""
+    part, stride = _part(files, seed, epoch, rank, world)
+    if epoch > 0 and len(part) > 2 and part[0] == _part(files, seed, epoch - 1, rank, world)[0][-1]:
+        part[0], part[1] = part[1], part[0]
+    return part, stride
+
+
+def _part(files: list[str], seed: int, epoch: int, rank: int, world: int) -> tuple[list[str], int]:
     order = np.random.default_rng([seed, epoch]).permutation(len(files))
     ordered = [files[i] for i in order]
     if len(files) >= world:
@@ -87,6 +98,12 @@ class WorkerStream:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
+
+    def close(self) -> None:
+        """Stop reading ahead (a SpanReader's thread and execution)."""
+        close = getattr(self.open_epoch, "close", None)
+        if close is not None:
+            close()
 
     def __next__(self) -> dict[str, Any]:
         empty_epochs = 0

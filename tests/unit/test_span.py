@@ -100,10 +100,11 @@ def test_epochs_of_a_span_are_the_epochs_read_alone() -> None:
     calls: list[Any] = []
     spanning = reader(calls)
     spanning.follow(plan)
-    together = [epoch_keys(spanning(plan(e), e)) for e in range(5)]
-    assert len(calls) == 1 and calls[0][0] == sum((plan(e) for e in range(MAX_SPAN_EPOCHS)), [])
-    assert calls[0][1] is not None and calls[0][1] < len(calls[0][0])  # small files grouped into fewer tasks
-    for e in range(5):
+    together = [epoch_keys(spanning(plan(e), e)) for e in range(MAX_SPAN_EPOCHS + 2)]
+    assert len(calls) == 2 and calls[0][0] == sum((plan(e) for e in range(MAX_SPAN_EPOCHS)), [])
+    assert calls[0][1] == len(calls[0][0])  # the first span: a read task per file, the first rows come soon
+    assert calls[1][1] == 4  # then the files are known to be small (~14 rows): grouped, 2 tasks per CPU at least
+    for e in range(MAX_SPAN_EPOCHS + 2):
         alone = epoch_keys(reader([], block_rows=5)(plan(e), e))  # no plan: one epoch, other blocks
         assert together[e] == alone
         keys = sum(together[e], [])

@@ -32,6 +32,18 @@ def test_partitions_cover_every_file_once_and_change_per_epoch() -> None:
     assert epoch_files(FILES[:1], 3, 0, 1, 2) == (FILES[:1], 2)  # fewer files than workers: stride
 
 
+def test_no_epoch_opens_with_the_file_the_previous_epoch_closed_with() -> None:
+    files = FILES[:4]  # four files: a quarter of unconstrained epochs would repeat the boundary file
+    for seed in range(20):
+        for rank, world in ((0, 1), (1, 2)):
+            parts = [epoch_files(files, seed, e, rank, world)[0] for e in range(30)]
+            others = [epoch_files(files, seed, e, 1 - rank, world)[0] for e in range(30)] if world == 2 else []
+            for e, p in enumerate(parts):  # still every file once per epoch, over the ranks
+                assert sorted(p + (others[e] if others else [])) == files
+            if len(parts[0]) > 2:
+                assert all(b[0] != a[-1] for a, b in zip(parts, parts[1:], strict=False))
+
+
 @pytest.mark.parametrize("stop_after", [1, 2, 3, 5, 7])
 def test_resume_from_a_saved_position_replays_exactly(stop_after: int) -> None:
     whole = take(WorkerStream(reader(), FILES, seed=1, rank=1, world=2), 10)
