@@ -15,6 +15,7 @@ independently, each with its own flip and colours. Resampling as the authors' co
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +54,14 @@ class ClipViews:
                                     gray_p=gray_p, blur_p=blur_p[0])
         self.local_spec = ViewSpec(local_size, local_scale, flip_p=flip_p, jitter=jitter, jitter_p=jitter_p,
                                    gray_p=gray_p, blur_p=blur_p[1])
-        self.rng = np.random.default_rng(seed)
+        self.rng, self.seed = np.random.default_rng(seed), seed
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Unseeded, a copy unpickled in a Ray task draws afresh (see raysl.data.views: every task would otherwise
+        # repeat the pickled generator's draws); seeded, it keeps them (reproducible tests).
+        self.__dict__.update(state)
+        if self.seed is None:
+            self.rng = np.random.default_rng()
 
     def _clip_length(self, column: np.ndarray, rows: list[np.ndarray], ok: np.ndarray) -> int:
         if self.frames is not None:

@@ -171,6 +171,12 @@ class CropViews(_Transform):
                            else self.decode_side)
         self.rng = np.random.default_rng()  # unseeded: each task's views differ
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A copy unpickled in a Ray task draws afresh: the pickled generator's state would give every task, and
+        # every epoch of one execution (raysl.train.span), the same crops, flips and colours.
+        self.__dict__.update(state)
+        self.rng = np.random.default_rng()
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch.set_num_threads(1)
         frames = FrameRows(batch) if "frames" in batch else None

@@ -143,3 +143,24 @@ def test_a_new_plan_or_an_out_of_turn_epoch_starts_a_new_span() -> None:
     list(r(FILES[::-1], 6))  # other files than planned
     assert len(calls) == 3
     r.close()
+
+
+def test_view_transform_copies_sent_to_tasks_draw_their_own_views() -> None:
+    """One transform is pickled into every Ray task of an execution (and a span's execution covers several epochs):
+    each unpickled copy must draw its own crops, not replay the pickled generator's."""
+    import io
+    import pickle
+
+    from PIL import Image
+
+    from raysl.config import parse_config
+    from raysl.methods.byol import BYOL
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    batch = {"image": np.array([buf.getvalue()] * 4, dtype=object), "key": np.array(["a", "b", "c", "d"])}
+    view = BYOL.view_transform(parse_config({"data": {"uri": "/x"}, "model": {"image_size": 32}}))
+    blob = pickle.dumps(view)
+    one, two = pickle.loads(blob)(dict(batch)), pickle.loads(blob)(dict(batch))
+    assert one["view1"].shape == two["view1"].shape == (4, 3, 32, 32)
+    assert not np.array_equal(one["view1"], two["view1"])
