@@ -96,9 +96,8 @@ class RaySide(Side):
 
     def pass_epochs(self) -> int:
         """The epochs of the reader's next execution (a span), so a pass never stops inside one."""
-        from raysl.train.span import span_epochs
-
-        return span_epochs(self.plan, self.at, len(self.files))
+        span_length = getattr(self.reader, "span_length", None)
+        return 1 if span_length is None else int(span_length(self.plan(self.at), self.at))
 
     def epoch(self) -> int:
         self.at += 1

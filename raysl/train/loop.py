@@ -178,7 +178,7 @@ def _setup(cfg: PretrainConfig, loop_cfg: dict[str, Any], rank: int, world: int)
     if loop_cfg.get("files_ref") is not None:
         stream = WorkerStream(epoch_reader(cfg, per_worker, rank, world), ray.get(loop_cfg["files_ref"]),
                               seed=tc.seed, rank=rank, world=world,
-                              start=restore_position(saved_position, rank, world))
+                              start=restore_position(saved_position, rank, world), budget=tc.steps - start)
         batches = stream
     else:
         batches = batches_from_shard(ray.train.get_dataset_shard("train"), per_worker, cfg.data.shuffle_buffer,

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SPAN_FILES = 64  # a span covers at least this many files when the epochs are small (capped by MAX_SPAN_EPOCHS)
 MAX_SPAN_EPOCHS = 8
+FIRST_SPAN_EPOCHS = 2  # until rows per file are known, a span is short: a run that ends early reads little ahead
 MIN_FILES = 4  # fewer files per epoch: one execution per epoch (each file is split across the CPUs instead)
 TASK_ROWS = 1000  # rows per read task once the files are known to be smaller (learned from the previous span)
 Batch = dict[str, Any]
@@ -225,24 +226,47 @@ class SpanReader:
         self.min_tasks = 2 * max(1, cpus)
         self.rows_per_file: float | None = None  # learned from the previous span
         self.plan: Plan | None = None
+        self.batches_left: Callable[[], int | None] = lambda: None
         self._span: Span | None = None
 
-    def follow(self, plan: Plan) -> None:
-        """The files this worker reads in each epoch (`WorkerStream`'s partition), so a span can read ahead."""
+    def follow(self, plan: Plan, batches_left: Callable[[], int | None] | None = None) -> None:
+        """The files this worker reads in each epoch (`WorkerStream`'s partition), so a span can read ahead, and
+        how many more batches the run will take (None: no end), so a span does not read epochs it will not use."""
         self.plan = plan
+        if batches_left is not None:
+            self.batches_left = batches_left
+
+    def _rows_per_file(self) -> float | None:
+        known = self._span.rows_per_file() if self._span is not None else None
+        return known or self.rows_per_file
+
+    def span_length(self, files: list[str], epoch: int) -> int:
+        """Epochs the span opened at `epoch` reads: `span_epochs`, at most FIRST_SPAN_EPOCHS until rows per file are
+        known, then no more than the batches left need."""
+        plan = self.plan
+        if plan is None:
+            return 1
+        k = span_epochs(lambda e: files if e == epoch else plan(e), epoch, len(files))
+        rows, left = self._rows_per_file(), self.batches_left()
+        if rows is None:
+            return min(k, FIRST_SPAN_EPOCHS)
+        if left is not None:
+            per_epoch = max(1, int(rows * len(files)) // self.batch_size)
+            k = min(k, max(1, math.ceil(left / per_epoch)))
+        return k
 
     def __call__(self, files: list[str], epoch: int) -> Iterator[Batch]:
         span = self._span
         if span is None or span.next_epoch != epoch or span.files(epoch) != self.normalize(files):
             if span is not None:
-                self.rows_per_file = span.rows_per_file() or self.rows_per_file
+                self.rows_per_file = self._rows_per_file()
                 span.close()
             span = self._span = self._start(files, epoch)
         return span.read(epoch)
 
     def _start(self, files: list[str], epoch: int) -> Span:
         plan = self.plan
-        k = 1 if plan is None else span_epochs(lambda e: files if e == epoch else plan(e), epoch, len(files))
+        k = self.span_length(files, epoch)
         epochs = [(epoch, self.normalize(files))]
         epochs += [(e, self.normalize(plan(e))) for e in range(epoch + 1, epoch + k)] if plan is not None else []
         every = [f for _, fs in epochs for f in fs]

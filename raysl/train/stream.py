@@ -69,16 +69,23 @@ class WorkerStream:
     """Batches for one worker, epoch after epoch, from `open_epoch(files, epoch) -> iterator of batches`."""
 
     def __init__(self, open_epoch: Callable[[list[str], int], Iterator[dict[str, Any]]], files: list[str], *,
-                 seed: int, rank: int, world: int, start: Position | None = None) -> None:
+                 seed: int, rank: int, world: int, start: Position | None = None, budget: int | None = None) -> None:
         self.open_epoch, self.files = open_epoch, files
         self.seed, self.rank, self.world = seed, rank, world
         self.position = start or Position()
         self._skip = self.position.batches  # batches of the resumed epoch to step over
         self._it: Iterator[dict[str, Any]] | None = None
         self._index = 0  # batches drawn from the current epoch's iterator (before striding)
+        self._stride = 1
+        self._left = budget  # batches this stream will still hand out (None: no end)
         follow = getattr(open_epoch, "follow", None)  # a SpanReader reads the epochs to come in one execution
         if follow is not None:
-            follow(lambda epoch: epoch_files(files, seed, epoch, rank, world)[0])
+            follow(lambda epoch: epoch_files(files, seed, epoch, rank, world)[0], self._raw_left)
+
+    def _raw_left(self) -> int | None:
+        """Batches still to draw from the epoch readers: those left to hand out, each `stride` draws, and the
+        resumed epoch's batches to step over."""
+        return None if self._left is None else (self._left * self._stride + self._skip)
 
     def _open(self) -> None:
         part, self._stride = epoch_files(self.files, self.seed, self.position.epoch, self.rank, self.world)
@@ -124,6 +131,8 @@ class WorkerStream:
                 self._skip -= 1
                 continue
             self.position.batches += 1
+            if self._left is not None:
+                self._left -= 1
             return b
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from raysl.train.span import MAX_SPAN_EPOCHS, EpochBatcher, EpochSplitter, SpanReader, span_epochs
+from raysl.train.span import FIRST_SPAN_EPOCHS, MAX_SPAN_EPOCHS, EpochBatcher, EpochSplitter, SpanReader, span_epochs
 from raysl.train.stream import Position, WorkerStream, epoch_files
 
 ROWS = {f"f{i}": 10 + i for i in range(8)}  # file → rows in it
@@ -101,8 +101,9 @@ def test_epochs_of_a_span_are_the_epochs_read_alone() -> None:
     spanning = reader(calls)
     spanning.follow(plan)
     together = [epoch_keys(spanning(plan(e), e)) for e in range(MAX_SPAN_EPOCHS + 2)]
-    assert len(calls) == 2 and calls[0][0] == sum((plan(e) for e in range(MAX_SPAN_EPOCHS)), [])
+    assert len(calls) == 2 and calls[0][0] == sum((plan(e) for e in range(FIRST_SPAN_EPOCHS)), [])
     assert calls[0][1] == len(calls[0][0])  # the first span: a read task per file, the first rows come soon
+    assert calls[1][0] == sum((plan(e) for e in range(FIRST_SPAN_EPOCHS, FIRST_SPAN_EPOCHS + MAX_SPAN_EPOCHS)), [])
     assert calls[1][1] == 4  # then the files are known to be small (~14 rows): grouped, 2 tasks per CPU at least
     for e in range(MAX_SPAN_EPOCHS + 2):
         alone = epoch_keys(reader([], block_rows=5)(plan(e), e))  # no plan: one epoch, other blocks
@@ -123,6 +124,15 @@ def test_worker_stream_resumes_inside_a_span_exactly() -> None:
     assert first.position == Position(2, 11)
     again = stream(start=first.position)
     assert seen + [next(again)["key"].tolist() for _ in range(23)] == whole
+
+
+def test_a_span_reads_no_more_epochs_than_the_run_has_batches_for() -> None:
+    calls: list[Any] = []
+    stream = WorkerStream(reader(calls), FILES, seed=3, rank=0, world=1, budget=40)  # 13 batches an epoch
+    for _ in range(40):
+        next(stream)
+    # the first span: FIRST_SPAN_EPOCHS epochs (26 batches); 14 left need 2 more epochs, not MAX_SPAN_EPOCHS
+    assert [len(files) // len(FILES) for files, _ in calls] == [FIRST_SPAN_EPOCHS, 2]
 
 
 def test_a_read_error_reaches_the_consumer() -> None:
