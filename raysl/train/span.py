@@ -5,7 +5,9 @@ last tasks' tail on idle CPUs): 0.25–0.4 CPU-seconds on 2 cores, a third of an
 12 note). A worker whose epochs are small (many workers, or a small corpus) paid it every epoch. A span reads the
 files of epochs e, e+1, … e+K-1 (each epoch's own seeded order, `WorkerStream`'s plan) as one ordered read. Small
 files are grouped into read tasks of about TASK_ROWS rows; rows per file are learned from the worker's previous
-span, so the first span reads a task per file and its first batches come as soon as one file is read. Every row
+span, so the first span reads a task per file and its first batches come as soon as one file is read. Ray Data reads
+ahead within a span, so the first span is FIRST_SPAN_EPOCHS long and a later one reads no more epochs than the
+batches the run has left need (`WorkerStream`'s budget): epochs a run never takes would be decoded for nothing. Every row
 carries its source file's path, so the rows are split back into epochs by walking the planned file sequence, and
 raysl batches each epoch itself: a local shuffle seeded by (seed, epoch, rank) whose output depends only on the
 epoch's row order, so an epoch read inside a span and the same epoch read alone after a restart give the same
