@@ -7,11 +7,11 @@ files of epochs e, e+1, … e+K-1 (each epoch's own seeded order, `WorkerStream`
 files are grouped into read tasks of about TASK_ROWS rows; rows per file are learned from the worker's previous
 span, so the first span reads a task per file and its first batches come as soon as one file is read. Ray Data reads
 ahead within a span, so the first span is FIRST_SPAN_EPOCHS long and a later one reads no more epochs than the
-batches the run has left need (`WorkerStream`'s budget): epochs a run never takes would be decoded for nothing. Every row
-carries its source file's path, so the rows are split back into epochs by walking the planned file sequence, and
-raysl batches each epoch itself: a local shuffle seeded by (seed, epoch, rank) whose output depends only on the
-epoch's row order, so an epoch read inside a span and the same epoch read alone after a restart give the same
-batches, and the last partial batch of each epoch is dropped. A span stops before an epoch that opens with the file
+batches the run has left need (`WorkerStream`'s budget): epochs a run never takes would be decoded for nothing.
+Every row carries its source file's path, so the rows are split back into epochs by walking the planned file
+sequence, and raysl batches each epoch itself: a local shuffle seeded by (seed, epoch, rank) whose output depends
+only on the epoch's row order, so an epoch read inside a span and the same epoch read alone after a restart give the
+same batches, and the last partial batch of each epoch is dropped. A span stops before an epoch that opens with the file
 the previous one closed with (the two reads could not be told apart; `epoch_files` orders epochs so that this does
 not happen). Methods whose source is not a plain file list (video clips, detection) keep one execution per epoch.
 """
