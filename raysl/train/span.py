@@ -27,12 +27,15 @@ from typing import Any
 
 import numpy as np
 
+from raysl.methods.base import FILES_WITHOUT_SPLIT
+
 log = logging.getLogger(__name__)
 
 SPAN_FILES = 64  # a span covers at least this many files when the epochs are small (capped by MAX_SPAN_EPOCHS)
 MAX_SPAN_EPOCHS = 8
 FIRST_SPAN_EPOCHS = 2  # until rows per file are known, a span is short: a run that ends early reads little ahead
-MIN_FILES = 4  # fewer files per epoch: one execution per epoch (each file is split across the CPUs instead)
+# fewer files per epoch: one execution per epoch, each file split across the CPUs (open_source's own threshold)
+MIN_FILES = FILES_WITHOUT_SPLIT
 TASK_ROWS = 1000  # rows per read task once the files are known to be smaller (learned from the previous span)
 Batch = dict[str, Any]
 Plan = Callable[[int], list[str]]
