@@ -4,10 +4,11 @@ Each Ray Data execution has a fixed cost (planning, its coordinator and stats ac
 last tasks' tail on idle CPUs): 0.25–0.4 CPU-seconds on 2 cores, a third of an epoch of 1,000 CIFAR images (issue
 12 note). A worker whose epochs are small (many workers, or a small corpus) paid it every epoch. A span reads the
 files of epochs e, e+1, … e+K-1 (each epoch's own seeded order, `WorkerStream`'s plan) as one ordered read. Small
-files are grouped into read tasks of about TASK_ROWS rows; rows per file are learned from the worker's previous
-span, so the first span reads a task per file and its first batches come as soon as one file is read. Ray Data reads
-ahead within a span, so the first span is FIRST_SPAN_EPOCHS long and a later one reads no more epochs than the
-batches the run has left need (`WorkerStream`'s budget): epochs a run never takes would be decoded for nothing.
+files are grouped into read tasks of about TASK_ROWS rows or TASK_BYTES of output, whichever is fewer rows; rows
+per file and output bytes per row are learned from the worker's previous span, so the first span reads a task per
+file and its first batches come as soon as one file is read. Ray Data reads ahead within a span, so the first span
+is FIRST_SPAN_EPOCHS long and a later one reads no more epochs than the batches the run has left need
+(`WorkerStream`'s budget): epochs a run never takes would be decoded for nothing.
 Every row carries its source file's path, so the rows are split back into epochs by walking the planned file
 sequence, and raysl batches each epoch itself: a local shuffle seeded by (seed, epoch, rank) whose output depends
 only on the epoch's row order, so an epoch read inside a span and the same epoch read alone after a restart give the
@@ -36,7 +37,12 @@ MAX_SPAN_EPOCHS = 8
 FIRST_SPAN_EPOCHS = 2  # until rows per file are known, a span is short: a run that ends early reads little ahead
 # fewer files per epoch: one execution per epoch, each file split across the CPUs (open_source's own threshold)
 MIN_FILES = FILES_WITHOUT_SPLIT
-TASK_ROWS = 1000  # rows per read task once the files are known to be smaller (learned from the previous span)
+# A read task's size once the files are known to be smaller (learned from the previous span). Each task costs the
+# execution's scheduling loop work and a hand-over gap on its CPU: at 32 px, 1,250-row tasks → 4,000-5,000-row ones
+# took Ray Data from 2,306-2,487 to 2,537-2,672 img/s over 10,000 CIFAR images on 2 CPUs (issue 12 note). Bytes
+# bound big images: at 224 px an image's views are ~300 KB, its decode 10-20× a CIFAR image's, and a task stays a file.
+TASK_ROWS = 4000
+TASK_BYTES = 32 << 20
 Batch = dict[str, Any]
 Plan = Callable[[int], list[str]]
 
@@ -111,6 +117,7 @@ class EpochSplitter:
         self.seq = [(e, f) for e, files in epochs for f in files]
         self.at = 0
         self.rows = 0  # rows seen so far, and of how many planned files (`at + 1`)
+        self.bytes = 0  # their output bytes (the view transform's)
 
     def split(self, paths: np.ndarray) -> Iterator[tuple[int, int, int]]:
         """(epoch, first row, end row) runs of a block's rows, in order."""
@@ -148,6 +155,10 @@ class Span:
         s = self.splitter
         return s.rows / (s.at + 1) if s.rows else None
 
+    def bytes_per_row(self) -> float | None:
+        s = self.splitter
+        return s.bytes / s.rows if s.rows else None
+
     def files(self, epoch: int) -> list[str] | None:
         return next((f for e, f in self.epochs if e == epoch), None)
 
@@ -167,6 +178,7 @@ class Span:
         try:
             for block in blocks:
                 paths = np.asarray(block.pop("path"))
+                splitter.bytes += sum(np.asarray(v).nbytes for v in block.values())
                 for epoch, lo, hi in splitter.split(paths):
                     while current < epoch:  # the rows moved on: the earlier epoch is complete
                         for out in b.finish():
@@ -230,6 +242,7 @@ class SpanReader:
         self.seed_of, self.collate, self.normalize = seed_of, collate, normalize
         self.min_tasks = 2 * max(1, cpus)
         self.rows_per_file: float | None = None  # learned from the previous span
+        self.bytes_per_row: float | None = None
         self.plan: Plan | None = None
         self.batches_left: Callable[[], int | None] = lambda: None
         self._span: Span | None = None
@@ -265,6 +278,7 @@ class SpanReader:
         if span is None or span.next_epoch != epoch or span.files(epoch) != self.normalize(files):
             if span is not None:
                 self.rows_per_file = self._rows_per_file()
+                self.bytes_per_row = span.bytes_per_row() or self.bytes_per_row
                 span.close()
             span = self._span = self._start(files, epoch)
         return span.read(epoch)
@@ -279,7 +293,8 @@ class SpanReader:
         if len(files) < MIN_FILES:
             tasks = None  # few files: the reader splits them across the CPUs itself
         elif k > 1 and self.rows_per_file is not None:
-            tasks = max(min(self.min_tasks, len(every)), math.ceil(self.rows_per_file * len(every) / TASK_ROWS))
+            per_task = min(TASK_ROWS, TASK_BYTES / max(1.0, self.bytes_per_row or 0.0))
+            tasks = max(min(self.min_tasks, len(every)), math.ceil(self.rows_per_file * len(every) / per_task))
             tasks = min(tasks, len(every))
         log.debug("span: epochs %d-%d, %d files, %s read tasks", epoch, epoch + k - 1, len(every), tasks)
 

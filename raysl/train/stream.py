@@ -30,6 +30,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from raysl.config import PretrainConfig
 from raysl.console import is_verbose
 from raysl.methods import get_method
+from raysl.train.slices import Slices
 
 log = logging.getLogger(__name__)
 TRACE_ENV = "RAYSL_TRACE_KEYS"  # a folder: each worker appends "step epoch key" lines (resumption tests)
@@ -276,25 +277,6 @@ def prompt_limits() -> None:
     ResourceManager.get_global_limits = get_global_limits  # type: ignore[method-assign]
 
 
-class Slices:
-    """A batch transform applied to a whole block `rows` rows at a time, each result yielded as it is made."""
-
-    def __init__(self, transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], rows: int) -> None:
-        self.transform, self.rows = transform, rows
-
-    def __call__(self, block: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        n = len(next(iter(block.values()))) if block else 0
-        path = block.pop("path", None)  # each row's file (raysl.train.span): around the transform, not through it
-        for i in range(0, n, self.rows):
-            out = self.transform({k: v[i:i + self.rows] for k, v in block.items()})
-            if path is not None:
-                if len(next(iter(out.values()))) != min(self.rows, n - i):
-                    raise ValueError("a view transform that adds or drops rows cannot read several epochs at once "
-                                     "(set epoch_spans = False on its method)")
-                out["path"] = path[i:i + self.rows]
-            yield out
-
-
 def epoch_reader(cfg: PretrainConfig, batch_size: int, rank: int, world: int
                  ) -> Callable[[list[str], int], Iterator[dict[str, Any]]]:
     """`(files, epoch) → batches`: this worker's own Ray Data stream over `files`, order preserved and the local
@@ -318,8 +300,7 @@ def epoch_reader(cfg: PretrainConfig, batch_size: int, rank: int, world: int
         return (cfg.train.seed * 1_000_003 + epoch) * 1009 + rank
 
     def transformed(ds: Any) -> Any:
-        # whole blocks in, 64 rows at a time inside: a batch size here would stop it fusing with the read
-        ds = ds.map_batches(Slices(view, 64), batch_size=None, batch_format="numpy")
+        ds = ds.map_batches(Slices(view), batch_size=None, batch_format="numpy")  # whole blocks, sliced inside
         ds.context.execution_options.preserve_order = True
         return ds
 

@@ -114,6 +114,24 @@ def test_epochs_of_a_span_are_the_epochs_read_alone() -> None:
     assert together[0] != together[1]  # each epoch its own order and shuffle
 
 
+def test_files_of_big_rows_keep_a_read_task_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read tasks are grouped by rows for small rows, but a task stays a file where the rows' output is big (224 px
+    views): TASK_BYTES bounds a grouped task as TASK_ROWS does."""
+    import raysl.train.span as span
+
+    def plan(e: int) -> list[str]:
+        return epoch_files(FILES, 7, e, 0, 1)[0]
+
+    calls: list[Any] = []
+    monkeypatch.setattr(span, "TASK_BYTES", 100)  # ~3 rows of this test's blocks
+    big = reader(calls)
+    big.follow(plan)
+    for e in range(FIRST_SPAN_EPOCHS + 1):
+        epoch_keys(big(plan(e), e))
+    assert len(calls) == 2 and calls[1][1] == len(calls[1][0])
+    assert big.bytes_per_row is not None and big.bytes_per_row > 8
+
+
 def test_worker_stream_resumes_inside_a_span_exactly() -> None:
     def stream(start: Any = None) -> WorkerStream:
         return WorkerStream(reader([]), FILES, seed=3, rank=0, world=1, start=start)

@@ -85,7 +85,7 @@ def test_other_world_size_restarts_the_epoch_and_empty_data_fails() -> None:
 def test_slices_apply_a_transform_to_a_whole_block_in_pieces() -> None:
     import numpy as np
 
-    from raysl.train.stream import Slices
+    from raysl.train.slices import Slices
 
     sizes: list[int] = []
 
@@ -94,11 +94,47 @@ def test_slices_apply_a_transform_to_a_whole_block_in_pieces() -> None:
         return {"y": batch["x"] * 2, "key": batch["key"]}
 
     block = {"x": np.arange(10), "key": np.array([f"k{i}" for i in range(10)])}
-    parts = list(Slices(double, 4)(block))
+    parts = list(Slices(double, 4, 4)(block))
     assert sizes == [4, 4, 2]
     assert np.concatenate([p["y"] for p in parts]).tolist() == [2 * i for i in range(10)]
     assert np.concatenate([p["key"] for p in parts]).tolist() == block["key"].tolist()
     assert list(Slices(double, 4)({})) == []
+
+
+def test_slices_grow_to_the_output_size_they_aim_at_and_keep_paths_aligned() -> None:
+    """After the first slice, a slice holds as many rows as make `slice_bytes` of output, within [first, max];
+    each slice's `path` rows are those of the rows it transformed."""
+    import numpy as np
+
+    from raysl.train.slices import Slices
+
+    sizes: list[int] = []
+
+    def kilobyte(batch: dict[str, Any]) -> dict[str, Any]:
+        sizes.append(len(batch["x"]))
+        return {"y": np.zeros((len(batch["x"]), 1000), np.uint8), "x": batch["x"]}
+
+    block = {"x": np.arange(100), "path": np.array([f"f{i // 30}" for i in range(100)])}
+    parts = list(Slices(kilobyte, first_rows=5, max_rows=40, slice_bytes=20_000)(dict(block)))
+    assert sizes[0] == 5 and set(sizes[1:-1]) == {19} and sum(sizes) == 100  # 20,000 B / 1,008 B a row
+    for p in parts:
+        assert [f"f{x // 30}" for x in p["x"]] == p["path"].tolist()
+    sizes.clear()
+    list(Slices(kilobyte, first_rows=5, max_rows=40, slice_bytes=10**9)(dict(block)))
+    assert sizes == [5, 40, 40, 15]
+    sizes.clear()
+    list(Slices(kilobyte, first_rows=5, max_rows=40, slice_bytes=1)(dict(block)))
+    assert set(sizes) == {5}  # never below the first slice's rows
+
+
+def test_slices_refuse_a_transform_that_drops_rows_of_a_span() -> None:
+    import numpy as np
+
+    from raysl.train.slices import Slices
+
+    block = {"x": np.arange(10), "path": np.array(["a"] * 10)}
+    with pytest.raises(ValueError, match="epoch_spans = False"):
+        list(Slices(lambda b: {"x": b["x"][:-1]}, 4)(block))
 
 
 def test_data_defaults_hand_a_finished_tasks_cpu_on_at_once() -> None:
