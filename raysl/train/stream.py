@@ -313,9 +313,9 @@ def epoch_reader(cfg: PretrainConfig, batch_size: int, rank: int, world: int
     if not method_cls.epoch_spans or cfg.data.limit:  # a limit counts rows of the whole read, not of each epoch
         return open_epoch
 
-    def open_blocks(files: list[str], read_tasks: int | None) -> Iterator[dict[str, Any]]:
+    def open_blocks(files: list[str], read_tasks: int | None, prefetch: int) -> Iterator[dict[str, Any]]:
         ds, _ = method_cls.open_source(cfg, s3, files=files, paths=True, read_tasks=read_tasks)
-        return iter(transformed(ds).iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
+        return iter(transformed(ds).iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch))
 
     limit = ray.data.DataContext.get_current().execution_options.resource_limits.cpu
     cpus = int(limit if limit is not None and limit != float("inf") else ray.cluster_resources().get("CPU", 1))

@@ -9,7 +9,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from raysl.train.span import FIRST_SPAN_EPOCHS, MAX_SPAN_EPOCHS, EpochBatcher, EpochSplitter, SpanReader, span_epochs
+from raysl.train.span import (
+    FIRST_SPAN_EPOCHS,
+    FIRST_SPAN_PREFETCH,
+    MAX_SPAN_EPOCHS,
+    PREFETCH_BLOCKS,
+    EpochBatcher,
+    EpochSplitter,
+    SpanReader,
+    span_epochs,
+)
 from raysl.train.stream import Position, WorkerStream, epoch_files
 
 ROWS = {f"f{i}": 10 + i for i in range(8)}  # file → rows in it
@@ -22,11 +31,11 @@ def rows_of(files: list[str]) -> Iterator[tuple[str, int]]:
             yield f, j
 
 
-def fake_blocks(calls: list[tuple[list[str], int | None]], block_rows: int = 7, fail_after: int | None = None):  # type: ignore[no-untyped-def]
+def fake_blocks(calls: list[tuple[list[str], int | None, int]], block_rows: int = 7, fail_after: int | None = None):  # type: ignore[no-untyped-def]
     """What a Ray Data execution hands a span: ordered blocks with a `path` column, cut at `block_rows` rows
-    regardless of file boundaries (as grouped read tasks do)."""
-    def open_blocks(files: list[str], read_tasks: int | None) -> Iterator[dict[str, Any]]:
-        calls.append((list(files), read_tasks))
+    regardless of file boundaries (as grouped read tasks do). Each call is recorded as (files, tasks, prefetch)."""
+    def open_blocks(files: list[str], read_tasks: int | None, prefetch: int) -> Iterator[dict[str, Any]]:
+        calls.append((list(files), read_tasks, prefetch))
         rows = list(rows_of(files))
         for i in range(0, len(rows), block_rows):
             if fail_after is not None and i >= fail_after:
@@ -105,6 +114,8 @@ def test_epochs_of_a_span_are_the_epochs_read_alone() -> None:
     assert calls[0][1] == len(calls[0][0])  # the first span: a read task per file, the first rows come soon
     assert calls[1][0] == sum((plan(e) for e in range(FIRST_SPAN_EPOCHS, FIRST_SPAN_EPOCHS + MAX_SPAN_EPOCHS)), [])
     assert calls[1][1] == 4  # then the files are known to be small (~14 rows): grouped, 2 tasks per CPU at least
+    # the run waits for the first span's first batch: no blocks held back; later spans fetch ahead
+    assert (calls[0][2], calls[1][2]) == (FIRST_SPAN_PREFETCH, PREFETCH_BLOCKS) == (0, 2)
     for e in range(MAX_SPAN_EPOCHS + 2):
         alone = epoch_keys(reader([], block_rows=5)(plan(e), e))  # no plan: one epoch, other blocks
         assert together[e] == alone
@@ -150,7 +161,7 @@ def test_a_span_reads_no_more_epochs_than_the_run_has_batches_for() -> None:
     for _ in range(40):
         next(stream)
     # the first span: FIRST_SPAN_EPOCHS epochs (26 batches); 14 left need 2 more epochs, not MAX_SPAN_EPOCHS
-    assert [len(files) // len(FILES) for files, _ in calls] == [FIRST_SPAN_EPOCHS, 2]
+    assert [len(files) // len(FILES) for files, *_ in calls] == [FIRST_SPAN_EPOCHS, 2]
 
 
 def test_a_read_error_reaches_the_consumer() -> None:
