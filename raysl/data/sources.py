@@ -192,15 +192,15 @@ def _norm_wds(batch: dict[str, np.ndarray], with_labels: bool, caption_field: st
         if col is None:
             continue
         for i, v in enumerate(col):
-            if not images[i] and v is not None:
+            if not images[i] and isinstance(v, bytes | bytearray | memoryview):  # a sample without it: NaN
                 images[i] = bytes(v)
     out = {"image": np.array(images, dtype=object), "key": np.array([str(k) for k in batch["__key__"]])}
     if with_labels:
         if "cls" not in batch:
             raise ValueError("WebDataset shards have no `cls` member to use as labels")
         # errors="replace": a label that is not UTF-8 must not stop the read; it becomes a name no class has
-        out["label"] = np.array([bytes(v).decode("utf-8", errors="replace").strip() if v is not None else ""
-                                 for v in batch["cls"]])
+        out["label"] = np.array([bytes(v).decode("utf-8", errors="replace").strip()
+                                 if isinstance(v, bytes | bytearray | memoryview) else "" for v in batch["cls"]])
     if caption_field is not None:
         out["caption"] = _wds_captions(batch, n, caption_field)
     if paths:

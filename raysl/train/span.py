@@ -12,9 +12,11 @@ is FIRST_SPAN_EPOCHS long and a later one reads no more epochs than the batches 
 Every row carries its source file's path, so the rows are split back into epochs by walking the planned file
 sequence, and raysl batches each epoch itself: a local shuffle seeded by (seed, epoch, rank) whose output depends
 only on the epoch's row order, so an epoch read inside a span and the same epoch read alone after a restart give the
-same batches, and the last partial batch of each epoch is dropped. A span stops before an epoch that opens with the file
-the previous one closed with (the two reads could not be told apart; `epoch_files` orders epochs so that this does
-not happen). Methods whose source is not a plain file list (video clips, detection) keep one execution per epoch.
+same batches, and the last partial batch of each epoch is dropped. An epoch's last batches go out as soon as its last
+file's rows are all in, where a thread has counted that file's rows (raysl.data.file_rows) by then; otherwise when a
+row of the next epoch arrives, a read task later. A span stops before an epoch that opens with the file the previous
+one closed with (the two reads could not be told apart; `epoch_files` orders epochs so that this does not happen).
+Methods whose source is not a plain file list (video clips, detection) keep one execution per epoch.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from raysl.methods.base import FILES_WITHOUT_SPLIT
+from raysl.train.batcher import Batch, EpochBatcher, EpochSplitter
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,6 @@ TASK_BYTES = 32 << 20
 # the window is kept: without it, 10,000 CIFAR images read 2-6% slower in each of 3 paired rounds.
 FIRST_SPAN_PREFETCH = 0
 PREFETCH_BLOCKS = 2
-Batch = dict[str, Any]
 Plan = Callable[[int], list[str]]
 
 
@@ -68,77 +70,6 @@ def span_epochs(plan: Plan, start: int, n_files: int) -> int:
     return k
 
 
-class EpochBatcher:
-    """One epoch's rows → shuffled full batches, drawn at random from a buffer of `buffer_rows + batch_size` rows;
-    the partial batch left at the end is dropped. The output depends only on the rows' order and the seed, not on
-    how the rows arrive in blocks (each draw happens at a fixed row count)."""
-
-    def __init__(self, batch_size: int, buffer_rows: int, rng: np.random.Generator) -> None:
-        self.bs, self.cap, self.rng = batch_size, batch_size + max(0, buffer_rows), rng
-        self.buf: dict[str, np.ndarray] = {}
-        self.filled = 0
-
-    def _alloc(self, rows: Batch) -> None:
-        for k, v in rows.items():
-            v = np.asarray(v)
-            # strings go into an object buffer: a fixed-width one would cut longer strings of later blocks
-            dtype = object if v.dtype.kind in "OUS" else v.dtype
-            self.buf[k] = np.empty((self.cap, *v.shape[1:]), dtype=dtype)
-
-    def add(self, rows: Batch) -> Iterator[Batch]:
-        n = len(next(iter(rows.values()))) if rows else 0
-        if n and not self.buf:
-            self._alloc(rows)
-        at = 0
-        while at < n:
-            take = min(n - at, self.cap - self.filled)
-            for k, v in rows.items():
-                self.buf[k][self.filled:self.filled + take] = np.asarray(v)[at:at + take]
-            self.filled, at = self.filled + take, at + take
-            if self.filled == self.cap:
-                yield self._draw()
-
-    def _draw(self) -> Batch:
-        idx = np.sort(self.rng.choice(self.cap, self.bs, replace=False))
-        out = {k: v[idx] for k, v in self.buf.items()}
-        keep = self.cap - self.bs  # rows past `keep` that were not drawn move into the drawn slots below it
-        holes = idx[idx < keep]
-        movers = np.setdiff1d(np.arange(keep, self.cap), idx, assume_unique=True)
-        for v in self.buf.values():
-            v[holes] = v[movers]
-        self.filled = keep
-        return out
-
-    def finish(self) -> Iterator[Batch]:
-        order = self.rng.permutation(self.filled)
-        for i in range(0, self.filled - self.bs + 1, self.bs):
-            yield {k: v[order[i:i + self.bs]] for k, v in self.buf.items()}
-        self.buf, self.filled = {}, 0
-
-
-class EpochSplitter:
-    """Tags the rows of an ordered multi-epoch read with their epoch by walking the planned file sequence."""
-
-    def __init__(self, epochs: list[tuple[int, list[str]]]) -> None:
-        self.seq = [(e, f) for e, files in epochs for f in files]
-        self.at = 0
-        self.rows = 0  # rows seen so far, and of how many planned files (`at + 1`)
-        self.bytes = 0  # their output bytes (the view transform's)
-
-    def split(self, paths: np.ndarray) -> Iterator[tuple[int, int, int]]:
-        """(epoch, first row, end row) runs of a block's rows, in order."""
-        n = len(paths)
-        self.rows += n
-        cuts = [0, *(np.flatnonzero(paths[1:] != paths[:-1]) + 1).tolist(), n]
-        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
-            path = str(paths[a])
-            while self.at < len(self.seq) and self.seq[self.at][1] != path:
-                self.at += 1  # a file of the plan that yielded no rows
-            if self.at == len(self.seq):
-                raise RuntimeError(f"span read: a row of {path!r} came after the planned files (rows out of order)")
-            yield self.seq[self.at][0], a, b
-
-
 _END = object()
 
 
@@ -146,13 +77,15 @@ class Span:
     """One execution over `epochs` [(epoch, files)], batched per epoch on a thread, a few batches ahead."""
 
     def __init__(self, blocks: Iterator[Batch], epochs: list[tuple[int, list[str]]],
-                 batcher: Callable[[int], EpochBatcher], collate: Callable[[Batch], Batch], ahead: int = 2) -> None:
+                 batcher: Callable[[int], EpochBatcher], collate: Callable[[Batch], Batch], ahead: int = 2,
+                 counts: dict[str, int] | None = None) -> None:
         self.epochs = epochs
         self.next_epoch = epochs[0][0]
         self._q: queue.Queue[tuple[int, Any]] = queue.Queue(maxsize=ahead)
         self._stop = threading.Event()
-        self.splitter = EpochSplitter(epochs)
-        self._thread = threading.Thread(target=self._run, args=(blocks, batcher, collate), daemon=True,
+        self.splitter = EpochSplitter(epochs, counts)
+        self._collate = collate
+        self._thread = threading.Thread(target=self._run, args=(blocks, batcher), daemon=True,
                                         name="raysl-span")
         self._thread.start()
 
@@ -177,8 +110,7 @@ class Span:
                 continue
         return False
 
-    def _run(self, blocks: Iterator[Batch], batcher: Callable[[int], EpochBatcher],
-             collate: Callable[[Batch], Batch]) -> None:
+    def _run(self, blocks: Iterator[Batch], batcher: Callable[[int], EpochBatcher]) -> None:
         splitter = self.splitter
         current, b = self.epochs[0][0], batcher(self.epochs[0][0])
         try:
@@ -186,26 +118,27 @@ class Span:
                 paths = np.asarray(block.pop("path"))
                 splitter.bytes += sum(np.asarray(v).nbytes for v in block.values())
                 for epoch, lo, hi in splitter.split(paths):
+                    if epoch < current:  # its epoch ended on the file's count, and more rows came
+                        raise RuntimeError(splitter.overrun(str(paths[lo])))
                     while current < epoch:  # the rows moved on: the earlier epoch is complete
-                        for out in b.finish():
-                            if not self._put((current, collate(out))):
-                                return
-                        if not self._put((current, _END)):
+                        if not self._end(current, b):
                             return
                         current += 1
                         b = batcher(current)
                     for out in b.add({k: v[lo:hi] for k, v in block.items()}):
-                        if not self._put((epoch, collate(out))):
+                        if not self._put((epoch, self._collate(out))):
                             return
+                    if splitter.epoch_complete():  # its last file's rows are all in: no need to wait for more
+                        if not self._end(current, b):
+                            return
+                        current += 1
+                        b = batcher(current)
             for epoch, _ in self.epochs:  # the read is over: the epochs from `current` on end here
                 if epoch < current:
                     continue
                 if epoch > current:
                     b = batcher(epoch)
-                for out in b.finish():
-                    if not self._put((epoch, collate(out))):
-                        return
-                if not self._put((epoch, _END)):
+                if not self._end(epoch, b):
                     return
         except BaseException as exc:  # handed to the consumer, who raises it in the training loop
             self._put((current, exc))
@@ -213,6 +146,13 @@ class Span:
             close = getattr(blocks, "close", None)  # ends the Ray Data execution now, not when collected
             if close is not None:
                 close()
+
+    def _end(self, epoch: int, b: EpochBatcher) -> bool:
+        """Hand out `epoch`'s last batches and its end; False once the span is closed."""
+        for out in b.finish():
+            if not self._put((epoch, self._collate(out))):
+                return False
+        return self._put((epoch, _END))
 
     def read(self, epoch: int) -> Iterator[Batch]:
         """The batches of `epoch` (this span's next one; batches of an earlier, abandoned epoch are skipped)."""
@@ -240,13 +180,17 @@ class SpanReader:
 
     `open_blocks(files, read_tasks, prefetch)`: the ordered Ray Data blocks of those files (with a `path` column),
     read by `read_tasks` tasks (None: the reader's own split), `prefetch` blocks fetched ahead; `seed_of(epoch)`:
-    the epoch's shuffle seed."""
+    the epoch's shuffle seed; `count_rows(path)`: the rows a file will yield (None: unknown), asked on a thread for
+    the last file of each epoch a span reads, so the epoch can end as its last rows arrive."""
 
     def __init__(self, open_blocks: Callable[[list[str], int | None, int], Iterator[Batch]], batch_size: int,
                  buffer_rows: int, seed_of: Callable[[int], int], collate: Callable[[Batch], Batch], cpus: int,
-                 normalize: Callable[[list[str]], list[str]]) -> None:
+                 normalize: Callable[[list[str]], list[str]],
+                 count_rows: Callable[[str], int | None] | None = None) -> None:
         self.open_blocks, self.batch_size, self.buffer_rows = open_blocks, batch_size, buffer_rows
         self.seed_of, self.collate, self.normalize = seed_of, collate, normalize
+        self.count_rows = count_rows
+        self.counts: dict[str, int] = {}  # rows per file, as counted so far in this run
         self.min_tasks = 2 * max(1, cpus)
         self.rows_per_file: float | None = None  # learned from the previous span
         self.bytes_per_row: float | None = None
@@ -311,7 +255,27 @@ class SpanReader:
         def batcher(e: int) -> EpochBatcher:
             return EpochBatcher(self.batch_size, self.buffer_rows, np.random.default_rng(self.seed_of(e)))
 
-        return Span(self.open_blocks(every, tasks, prefetch), epochs, batcher, self.collate)
+        self._count([fs[-1] for _, fs in epochs if fs])
+        return Span(self.open_blocks(every, tasks, prefetch), epochs, batcher, self.collate, counts=self.counts)
+
+    def _count(self, files: list[str]) -> None:
+        """Count the rows of `files` not counted yet, on a thread: the span runs meanwhile, and an epoch whose last
+        file is not counted when its rows arrive ends the way it would without a count."""
+        count, todo = self.count_rows, [f for f in dict.fromkeys(files) if f not in self.counts]
+        if count is None or not todo:
+            return
+
+        def run() -> None:
+            for f in todo:
+                try:
+                    n = count(f)
+                except Exception as exc:  # a count is an optimisation: never a reason to stop reading
+                    log.debug("rows of %s not counted: %s", f, type(exc).__name__)
+                    continue
+                if n is not None:
+                    self.counts[f] = n
+
+        threading.Thread(target=run, daemon=True, name="raysl-count-rows").start()
 
     def close(self) -> None:
         if self._span is not None:

@@ -285,8 +285,9 @@ def epoch_reader(cfg: PretrainConfig, batch_size: int, rank: int, world: int
 
     import ray
 
+    from raysl.data.file_rows import count_rows
     from raysl.data.sources import given_paths
-    from raysl.storage import S3Settings
+    from raysl.storage import S3Settings, resolve
     from raysl.train.span import SpanReader
 
     method_cls = get_method(cfg.method.name)
@@ -319,5 +320,6 @@ def epoch_reader(cfg: PretrainConfig, batch_size: int, rank: int, world: int
 
     limit = ray.data.DataContext.get_current().execution_options.resource_limits.cpu
     cpus = int(limit if limit is not None and limit != float("inf") else ray.cluster_resources().get("CPU", 1))
+    fs, _ = resolve(cfg.data.uri, s3)
     return SpanReader(open_blocks, batch_size, cfg.data.shuffle_buffer, seed_of, NumpyCollate(), cpus,
-                      lambda files: given_paths(files, cfg.data.uri))
+                      lambda files: given_paths(files, cfg.data.uri), count_rows=lambda path: count_rows(path, fs))

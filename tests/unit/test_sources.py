@@ -105,6 +105,15 @@ def test_a_label_that_is_not_utf8_does_not_stop_the_read() -> None:
     assert labels[1] == "\ufffd\ufffddog"  # a name no class has: counted downstream like an unknown label
 
 
+def test_a_sample_missing_a_member_is_a_bad_sample_not_a_crash() -> None:
+    """Ray's WebDataset reader fills a member a sample lacks with NaN (pandas), not None."""
+    nan = float("nan")
+    batch = {"__key__": np.array(["a", "b"]), "png": np.array([b"1", nan], dtype=object),
+             "cls": np.array([nan, b"dog"], dtype=object)}
+    out = _norm_wds(batch, with_labels=True)
+    assert out["image"].tolist() == [b"1", b""] and out["label"].tolist() == ["", "dog"]
+
+
 def test_given_files_are_read_instead_of_listing_the_uri(tmp_path: Path, no_ray: None) -> None:
     paths = [_write(tmp_path / f"p{i}.parquet", image=pa.array([b"\xff"])) for i in range(3)]
     ds = read_images(str(tmp_path), fmt="parquet", files=[str(paths[2]), f"file://{paths[0]}"], rows_per_block=None)

@@ -3,19 +3,22 @@ on how the rows arrive or on which span an epoch was read in, and errors that re
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import numpy as np
 import pytest
 
+from raysl.train.batcher import EpochBatcher, EpochSplitter
 from raysl.train.span import (
     FIRST_SPAN_EPOCHS,
     FIRST_SPAN_PREFETCH,
     MAX_SPAN_EPOCHS,
     PREFETCH_BLOCKS,
-    EpochBatcher,
-    EpochSplitter,
     SpanReader,
     span_epochs,
 )
@@ -141,6 +144,67 @@ def test_files_of_big_rows_keep_a_read_task_each(monkeypatch: pytest.MonkeyPatch
         epoch_keys(big(plan(e), e))
     assert len(calls) == 2 and calls[1][1] == len(calls[1][0])
     assert big.bytes_per_row is not None and big.bytes_per_row > 8
+
+
+def plan7(e: int) -> list[str]:
+    return epoch_files(FILES, 7, e, 0, 1)[0]
+
+
+def held_reader(gate: threading.Event, count_rows: Callable[[str], int | None] | None) -> SpanReader:
+    """A reader whose execution yields a block per file, holds the first file of the second epoch back until `gate`
+    is set, and hands over an epoch's last file only once it is counted (where counting is on)."""
+    def open_blocks(files: list[str], read_tasks: int | None, prefetch: int) -> Iterator[dict[str, Any]]:
+        for i, f in enumerate(files):
+            if i == len(FILES):
+                gate.wait(10)
+            if count_rows is not None and i == len(FILES) - 1:
+                until = time.monotonic() + 5
+                while f not in r.counts and time.monotonic() < until:
+                    time.sleep(0.01)
+            yield {"path": np.array([f] * ROWS[f], dtype=object), "key": np.array([f"{f}/{j}" for j in range(ROWS[f])])}
+
+    r = SpanReader(open_blocks, 8, 16, seed_of=lambda e: 1000 + e, collate=lambda b: b, cpus=2,
+                   normalize=lambda files: list(files), count_rows=count_rows)
+    r.follow(plan7)
+    return r
+
+
+def test_an_epoch_ends_as_its_last_files_counted_rows_arrive() -> None:
+    """With the last file's rows counted, an epoch's last batches do not wait for a row of the next epoch (a read
+    task later); without a count they do. The batches are the same either way."""
+    alone = [epoch_keys(reader([])(plan7(e), e)) for e in (0, 1)]  # one execution per epoch
+    with ThreadPoolExecutor(2) as pool:
+        gate = threading.Event()
+        counted = held_reader(gate, ROWS.get)
+        assert pool.submit(lambda: epoch_keys(counted(plan7(0), 0))).result(timeout=10) == alone[0]
+        gate.set()
+        assert epoch_keys(counted(plan7(1), 1)) == alone[1]
+
+        gate = threading.Event()
+        uncounted = held_reader(gate, None)
+        first = pool.submit(lambda: epoch_keys(uncounted(plan7(0), 0)))
+        with pytest.raises(FutureTimeout):
+            first.result(timeout=0.5)  # held: the epoch's end is seen only in the next epoch's rows
+        gate.set()
+        assert first.result(timeout=10) == alone[0]
+
+
+def test_a_count_that_fails_or_falls_short_is_not_trusted_silently() -> None:
+    def fails(f: str) -> int:
+        raise OSError("footer unreadable")
+
+    calls: list[Any] = []
+    r = SpanReader(fake_blocks(calls, block_rows=1), 8, 16, seed_of=lambda e: 1000 + e, collate=lambda b: b, cpus=2,
+                   normalize=lambda files: list(files), count_rows=fails)
+    r.follow(plan7)
+    assert [epoch_keys(r(plan7(e), e)) for e in (0, 1)] == [epoch_keys(reader([])(plan7(e), e)) for e in (0, 1)]
+
+    short = SpanReader(fake_blocks([], block_rows=1), 8, 16, seed_of=lambda e: 1000 + e, collate=lambda b: b,
+                       cpus=2, normalize=lambda files: list(files), count_rows=lambda f: ROWS[f] - 1)
+    short.follow(plan7)
+    with pytest.raises(RuntimeError, match="more rows than the .* counted"):
+        for e in (0, 1):
+            list(short(plan7(e), e))
 
 
 def test_worker_stream_resumes_inside_a_span_exactly() -> None:
