@@ -15,12 +15,8 @@ A count that cannot be made (another Ray, an unreadable file) is None: the epoch
 
 from __future__ import annotations
 
-import logging
-
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-
-log = logging.getLogger(__name__)
 
 
 def count_rows(path: str, fs: pafs.FileSystem) -> int | None:

@@ -192,8 +192,8 @@ def _norm_wds(batch: dict[str, np.ndarray], with_labels: bool, caption_field: st
         if col is None:
             continue
         for i, v in enumerate(col):
-            if not images[i] and isinstance(v, bytes | bytearray | memoryview):  # a sample without it: NaN
-                images[i] = bytes(v)
+            if not images[i]:
+                images[i] = _image_bytes(v)  # a sample without this member has NaN here (Ray's pandas block)
     out = {"image": np.array(images, dtype=object), "key": np.array([str(k) for k in batch["__key__"]])}
     if with_labels:
         if "cls" not in batch:

@@ -88,10 +88,8 @@ class EpochSplitter:
         cuts = [0, *(np.flatnonzero(paths[1:] != paths[:-1]) + 1).tolist(), n]
         for a, b in zip(cuts[:-1], cuts[1:], strict=True):
             path = str(paths[a])
-            if self.at >= len(self.seq) or self.seq[self.at][1] != path:
-                self.at_rows = 0
             while self.at < len(self.seq) and self.seq[self.at][1] != path:
-                self.at += 1  # a file of the plan that yielded no rows
+                self.at, self.at_rows = self.at + 1, 0  # on to the next planned file (some yield no rows)
             if self.at == len(self.seq):
                 raise RuntimeError(f"span read: a row of {path!r} came after the planned files (rows out of order)")
             self.at_rows += b - a
