@@ -8,7 +8,9 @@ file's read (issue 12 note).
 - Parquet: the footer's row count (one small read; Ray's reader yields every row, and raysl's normalisation keeps
   each one, a bad image becoming a counted bad sample).
 - WebDataset: the samples of the tar, grouped by Ray's own WebDataset functions, the ones its reader uses (the whole
-  file is read once more, without decoding; a count is asked for one file per epoch).
+  file is read once more, without decoding; a count is asked for one file per epoch). A tar over MAX_TAR_BYTES is
+  not counted: it holds thousands of images, so its epoch is far bigger than the shuffle buffer and its end would
+  come little sooner, while a second read of it from S3 costs bandwidth the training read needs.
 - An image folder's file: one row.
 A count that cannot be made (another Ray, an unreadable file) is None: the epoch then ends the way it would without.
 """
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+MAX_TAR_BYTES = 256 << 20
 
 
 def count_rows(path: str, fs: pafs.FileSystem) -> int | None:
@@ -34,6 +38,8 @@ def _tar_samples(path: str, fs: pafs.FileSystem) -> int | None:
     try:  # Ray's own grouping, so the count is the reader's by construction (private names: guarded)
         from ray.data._internal.datasource.webdataset_datasource import _group_by_keys, _tar_file_iterator
     except ImportError:  # pragma: no cover - a Ray that moved them
+        return None
+    if fs.get_file_info(path).size > MAX_TAR_BYTES:
         return None
     with fs.open_input_stream(path) as f:
         samples = _group_by_keys(_tar_file_iterator(f), meta={"__url__": path})  # type: ignore[arg-type]  # any iterable
