@@ -124,4 +124,3 @@ def test_given_files_are_read_instead_of_listing_the_uri(tmp_path: Path, no_ray:
         read_images(str(tmp_path), files=[])
     assert sources.given_paths(["s3://bucket/a/b.tar", "bucket/a/c.tar"], "s3://bucket/a") == ["bucket/a/b.tar",
                                                                                            "bucket/a/c.tar"]
-
