@@ -199,8 +199,8 @@ def _norm_wds(batch: dict[str, np.ndarray], with_labels: bool, caption_field: st
         if "cls" not in batch:
             raise ValueError("WebDataset shards have no `cls` member to use as labels")
         # errors="replace": a label that is not UTF-8 must not stop the read; it becomes a name no class has
-        out["label"] = np.array([bytes(v).decode("utf-8", errors="replace").strip()
-                                 if isinstance(v, bytes | bytearray | memoryview) else "" for v in batch["cls"]])
+        # a sample without a `cls` member has NaN here: _image_bytes makes it b"", so ""
+        out["label"] = np.array([_image_bytes(v).decode("utf-8", errors="replace").strip() for v in batch["cls"]])
     if caption_field is not None:
         out["caption"] = _wds_captions(batch, n, caption_field)
     if paths:
